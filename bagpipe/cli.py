@@ -1,0 +1,90 @@
+"""The `bagpipe` command: prepare, stats, train, compare (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bagpipe.config import MODELS, MODES, OPTIMIZERS, ConfigError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+DEFAULT_DATA = os.path.join("data", "synthetic-default")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, default="local")
+    p.add_argument("--data", default=None,
+                   help=f"dataset directory (default: generate the embedded synthetic workload in {DEFAULT_DATA})")
+    p.add_argument("--eval-data", default=None, help="eval file or directory (default: the dataset's last part)")
+    p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--model", choices=MODELS, default="dlrm")
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--bottom-mlp", type=_ints, default=None, help="default: 64,<embedding-dim>")
+    p.add_argument("--top-mlp", type=_ints, default=(64, 32))
+    p.add_argument("--deep-mlp", type=_ints, default=(64, 32))
+    p.add_argument("--cross-layers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--iters", type=int, default=None, help="default: one pass over the training split")
+    p.add_argument("--run-dir", default=None, help="default: runs/<mode>")
+    p.add_argument("--trainers", type=int, default=1)
+    p.add_argument("--servers", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse (row) optimizer")
+    p.add_argument("--dense-optimizer", choices=("sgd", "adagrad"), default=None, help="default: like --optimizer")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate of both optimizers unless overridden")
+    p.add_argument("--sparse-lr", type=float, default=None)
+    p.add_argument("--dense-lr", type=float, default=None)
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle-seed", type=int, default=None, help="seeded shuffle of row-group order")
+    p.add_argument("--lookahead", type=int, default=8)
+    p.add_argument("--prefetch-distance", type=int, default=None)
+    p.add_argument("--cache-rows", type=int, default=None, help="owned rows per trainer (bagpipe mode)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bagpipe.datasets.cli import register as register_datasets
+
+    parser = argparse.ArgumentParser(prog="bagpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_datasets(sub)
+
+    train = sub.add_parser("train", help="train a model (local, or one role of a torchrun world)")
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    compare = sub.add_parser("compare", help="exit 0 when two runs have identical digests")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+    compare.set_defaults(func=_cmd_compare)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bagpipe.train import run_from_args
+
+    return run_from_args(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from bagpipe.compare import compare_runs
+
+    same, message = compare_runs(args.run_a, args.run_b)
+    print(message)
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Counter-based hashing: row initialisation and placement-independent digests.
+
+Everything here is a pure function of its inputs (no RNG state), vectorised over
+numpy uint64 arrays, so any process can compute the value of any row, and digests
+can be summed over whatever subset of rows a process holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_M1 = _U64(0xBF58476D1CE4E5B9)
+_M2 = _U64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser applied elementwise (uint64 arithmetic wraps)."""
+    x = np.asarray(x, dtype=_U64)
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> _U64(30))) * _M1
+        z = (z ^ (z >> _U64(27))) * _M2
+        return z ^ (z >> _U64(31))
+
+
+def mix(*parts: np.ndarray | int) -> np.ndarray:
+    """Hash of a tuple of integers (broadcast elementwise)."""
+    h = np.zeros((), dtype=_U64)
+    for part in parts:
+        h = splitmix64(h ^ np.asarray(part).astype(_U64))
+    return h
+
+
+def uniform01(h: np.ndarray) -> np.ndarray:
+    """float32 in [0, 1) from the top 24 bits of a hash (exactly representable)."""
+    return (h >> _U64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
+
+
+def rows_digest(keys: np.ndarray, values: np.ndarray, state: np.ndarray | None = None) -> int:
+    """Sum mod 2^64 of a hash of (row key, value bits, state bits) over rows.
+
+    A sum, so servers and cache owners can each digest their own rows and the
+    parts add up to the same number wherever the rows live.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.size == 0:
+        return 0
+    h = splitmix64(keys.astype(_U64) ^ _U64(0x5BD1E995))
+    for block in (values, state):
+        if block is None or block.size == 0:
+            continue
+        bits = np.ascontiguousarray(block, dtype=np.float32).view(np.uint32).reshape(len(keys), -1)
+        for j in range(bits.shape[1]):  # loop over columns, vectorised over rows
+            h = splitmix64(h ^ (bits[:, j].astype(_U64) << _U64(17)) ^ _U64(j))
+    with np.errstate(over="ignore"):
+        return int(h.sum(dtype=_U64))
+
+
+def bytes_digest(*arrays: np.ndarray) -> int:
+    """Order-sensitive hash of raw bytes (dense parameters, loss)."""
+    h = np.zeros((), dtype=_U64)
+    for arr in arrays:
+        raw = np.ascontiguousarray(arr).view(np.uint8).ravel()
+        pad = (-raw.size) % 8
+        words = np.concatenate([raw, np.zeros(pad, np.uint8)]).view(_U64)
+        # fold in chunks so long buffers stay vectorised yet order-sensitive
+        idx = np.arange(words.size, dtype=_U64)
+        h = splitmix64(h ^ _U64(raw.size))
+        with np.errstate(over="ignore"):
+            h = splitmix64(h ^ splitmix64(words ^ splitmix64(idx)).sum(dtype=_U64))
+    return int(h)
+
+
+def combine(*digests: int) -> str:
+    """One hex digest from several 64-bit parts."""
+    return "%016x" % int(mix(*[np.uint64(d % (1 << 64)) for d in digests]))

@@ -1,0 +1,66 @@
+"""Row initialisation, digests, the working-set lookup and contribution order."""
+
+import numpy as np
+import torch
+
+from bagpipe.embedding import slice_keys, sum_contributions, union_of
+from bagpipe.hashing import bytes_digest, rows_digest
+from bagpipe.rows import RowSpace
+from bagpipe.trainers.step import ordered_sum
+
+
+def test_row_init_independent_of_which_rows_are_asked():
+    rows = RowSpace((100, 7, 3000), 6, seed=3)
+    all_rows = rows.init_rows(np.arange(rows.total_rows))
+    pick = np.array([5, 106, 2000, 0])
+    assert np.array_equal(rows.init_rows(pick), all_rows[pick])
+    bound = 1 / np.sqrt(7)
+    assert np.all(np.abs(all_rows[100:107]) <= bound)
+    assert not np.array_equal(RowSpace((100, 7, 3000), 6, seed=4).init_rows(pick), rows.init_rows(pick))
+
+
+def test_rows_digest_is_a_sum_over_any_partition():
+    rows = RowSpace((50, 50), 4, seed=0)
+    keys = np.arange(100)
+    values = rows.init_rows(keys)
+    state = np.abs(values[:, :1])
+    whole = rows_digest(keys, values, state)
+    parts = (rows_digest(keys[::2], values[::2], state[::2]) + rows_digest(keys[1::2], values[1::2], state[1::2]))
+    assert whole == parts % (1 << 64)
+    flipped = values.copy()
+    flipped[3, 2] = -flipped[3, 2]
+    assert rows_digest(keys, flipped, state) != whole
+    zero = values.copy()
+    zero[0, 0] = 0.0
+    neg_zero = values.copy()
+    neg_zero[0, 0] = -0.0
+    assert rows_digest(keys, zero) != rows_digest(keys, neg_zero)  # bits, not values
+
+
+def test_bytes_digest_is_order_sensitive():
+    a, b = np.arange(5, dtype=np.float32), np.arange(5, dtype=np.float32)[::-1].copy()
+    assert bytes_digest(a) != bytes_digest(b)
+    assert bytes_digest(a, b) != bytes_digest(b, a)
+
+
+def test_slice_keys_inverse_reconstructs():
+    keys_bt = np.array([[5, 9], [3, 9], [5, 12]])
+    sk = slice_keys(keys_bt)
+    assert list(sk.keys) == [3, 5, 9, 12]
+    assert np.array_equal(sk.keys[sk.inverse.numpy()], keys_bt)
+
+
+def test_sum_contributions_starts_from_zero_in_rank_order():
+    union = union_of([np.array([1, 4]), np.array([4, 8])])
+    c1 = torch.tensor([[-0.0], [1.0]])
+    c2 = torch.tensor([[3.0], [2.0]])
+    total = sum_contributions(union, [(np.array([1, 4]), c1), (np.array([4, 8]), c2)], 1)
+    assert list(union) == [1, 4, 8]
+    assert torch.equal(total, torch.tensor([[0.0], [4.0], [2.0]]))
+    # a single reader's -0.0 becomes +0.0: 0 + c, never "take c"
+    assert not torch.signbit(total[0, 0])
+
+
+def test_ordered_sum_order_matters_for_floats():
+    parts = [torch.tensor([1.0]), torch.tensor([1e8]), torch.tensor([-1e8])]
+    assert not torch.equal(ordered_sum(parts), ordered_sum(parts[::-1]))
