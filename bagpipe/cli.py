@@ -50,6 +50,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-rows", type=int, default=None, help="owned rows per trainer (bagpipe mode)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
+    p.add_argument("--node-roles", default=None,
+                   help="roles of this node's processes in a multi-node job, e.g. 'oracle=1,server=2' or 'trainer=2'")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a model (local, or one role of a torchrun world)")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    launch = sub.add_parser("launch", help="run a distributed job on this machine under torchrun")
+    launch.add_argument("--trainers", type=int, default=2)
+    launch.add_argument("--servers", type=int, default=1)
+    launch.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `bagpipe train` arguments")
+    launch.set_defaults(func=_cmd_launch)
 
     compare = sub.add_parser("compare", help="exit 0 when two runs have identical digests")
     compare.add_argument("run_a")
@@ -76,6 +84,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from bagpipe.train import run_from_args
 
     return run_from_args(args)
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from bagpipe.launch import launch
+
+    try:
+        return launch(args.trainers, args.servers, args.train_args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

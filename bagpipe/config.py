@@ -40,7 +40,7 @@ class ModelConfig:
             raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if any(c <= 0 for c in self.cardinalities):
             raise ConfigError(f"every table cardinality must be positive, got {list(self.cardinalities)}")
-        if self.name == "dlrm" and self.bottom_mlp and self.bottom_mlp[-1] != self.embedding_dim:
+        if self.name == "dlrm" and self.num_dense and self.bottom_mlp and self.bottom_mlp[-1] != self.embedding_dim:
             raise ConfigError(
                 f"dlrm: the bottom MLP must end in embedding_dim={self.embedding_dim} "
                 f"(dot interaction), got {list(self.bottom_mlp)}"

@@ -88,3 +88,9 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 def read_summary(run_dir: str) -> dict[str, Any]:
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
+
+
+def peak_rss_kb() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -82,9 +82,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         cfg = resolve_config(args)
         if cfg.cluster.mode == "local":
             return _run_local(cfg)
-        raise ConfigError(f"--mode {cfg.cluster.mode} is not available yet")
-    except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return _run_distributed(cfg, args.node_roles)
+    except (ConfigError, DatasetError, ValueError) as err:
+        # every rank of a torchrun job fails the same way; one message per node
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 2
 
 
@@ -109,6 +111,69 @@ def _run_local(cfg: RunConfig) -> int:
         f"digest {summary['digest']}"
     )
     return 0
+
+
+def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
+    """One role of a torchrun world. Everything that can be checked is checked
+    before the process group forms, so bad input fails on every rank at once."""
+    import torch
+    import torch.distributed as dist
+
+    from bagpipe.trainers.data import RunData
+    from bagpipe import transport
+
+    if "RANK" not in os.environ:
+        raise ConfigError(
+            f"--mode {cfg.cluster.mode} runs inside torchrun; use `bagpipe launch --trainers "
+            f"{cfg.cluster.trainers} --servers {cfg.cluster.servers} -- ...` or torchrun --nproc-per-node "
+            f"{cfg.cluster.trainers + cfg.cluster.servers + 1} -m bagpipe.train ..."
+        )
+    torch.set_num_threads(1)
+    data = RunData.open(cfg)
+    role = transport.local_role(node_roles, cfg.cluster.servers, cfg.cluster.trainers)
+    transport.init_world(cfg.cluster.timeout_s, cfg.cluster.device)
+    desc = f"{role} (rank {dist.get_rank()})"
+    try:
+        roles = transport.gather_roles(role, cfg.cluster.servers, cfg.cluster.trainers)
+        desc = roles.describe(dist.get_rank())
+        groups = transport.make_groups(roles, cfg.cluster.timeout_s)
+        name, index = roles.role_of(dist.get_rank())
+        if name == "oracle":
+            from bagpipe.oracle.process import run_oracle
+
+            run_oracle(cfg, roles, groups, data)
+            summary = _read_summary(cfg.run_dir)
+            print(
+                f"{cfg.run_dir}: {summary['iters']} iterations, {summary['samples_per_s']:.0f} samples/s, "
+                f"final loss {summary['final_loss']:.4f}, eval AUC {summary['auc']:.4f}, "
+                f"digest {summary['digest']}"
+            )
+        elif name == "server":
+            from bagpipe.server import run_server
+
+            run_server(cfg, roles, groups, index)
+        else:
+            from bagpipe.trainers.runtime import TrainerRuntime
+
+            runtime = TrainerRuntime(cfg, roles, groups, index, data)
+            if cfg.cluster.mode == "none":
+                from bagpipe.trainers.nocache import run_nocache_trainer
+
+                run_nocache_trainer(runtime)
+            else:
+                from bagpipe.trainers.cached import run_cached_trainer
+
+                run_cached_trainer(runtime)
+    except BaseException as err:  # noqa: BLE001 - report and end this process now
+        transport.fail_fast(desc, err)
+    dist.destroy_process_group()
+    return 0
+
+
+def _read_summary(run_dir: str) -> dict:
+    from bagpipe.metrics import read_summary
+
+    return read_summary(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

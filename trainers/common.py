@@ -47,15 +47,14 @@ class DenseState:
         return bytes_digest(*arrays)
 
 
-def iteration_digest(loss: torch.Tensor, dense: DenseState, updated_rows_digest: int) -> str:
-    """Digest of iteration i: its loss, the dense parameters after its update and
-    the rows it updated (a sum over whoever holds them)."""
-    loss_bits = np.asarray([loss.item()], dtype=np.float32)
-    return combine(bytes_digest(loss_bits), dense.digest(with_optimizer_state=False), updated_rows_digest)
+def iteration_digest(loss: float, dense_digest: int, updated_rows_digest: int) -> str:
+    """Digest of iteration i: its loss (fp32 bits), the dense parameters after its
+    update and the rows it updated (a sum over whoever holds them)."""
+    return combine(bytes_digest(np.asarray([loss], dtype=np.float32)), dense_digest, updated_rows_digest)
 
 
-def final_digest(dense: DenseState, all_rows_digest: int) -> str:
-    return combine(dense.digest(with_optimizer_state=True), all_rows_digest)
+def final_digest(dense_digest_with_state: int, all_rows_digest: int) -> str:
+    return combine(dense_digest_with_state, all_rows_digest)
 
 
 def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[str, float]:

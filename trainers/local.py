@@ -87,7 +87,7 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
             update_table_rows(
                 opt.sparse, tables.values, tables.state, torch.from_numpy(union), grads, opt.sparse_lr_at(i), opt.eps
             )
-            digest = iteration_digest(loss, dense, tables.digest(union))
+            digest = iteration_digest(loss.item(), dense.digest(with_optimizer_state=False), tables.digest(union))
         elapsed = time.perf_counter() - start
         train_time += elapsed
         samples += batch_size
@@ -113,7 +113,7 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
         "auc": eval_result.get("auc"),
         "logloss": eval_result.get("logloss"),
         "eval_examples": eval_result.get("eval_examples"),
-        "digest": final_digest(dense, tables.digest()),
+        "digest": final_digest(dense.digest(with_optimizer_state=True), tables.digest()),
         "rows_fetched": 0,
         "bytes_moved": 0,
         "state_dim": state_dim(opt.sparse, rows.row_dim),

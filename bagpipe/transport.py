@@ -1,0 +1,226 @@
+"""torch.distributed plumbing: roles, process groups, framed messages, failure reports.
+
+One torchrun world holds one oracle, S embedding servers and T trainers. gloo
+rules from DESIGN.md section 5 live here so no other module has to remember them:
+one process group per purpose (and thread), created in the same order on every
+rank; receives posted before waiting on sends; every message framed with a
+header the receiver checks; timeouts short enough that a dead peer ends the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x0BA9_917E
+
+
+class PeerError(RuntimeError):
+    """A peer died, timed out or sent something other than what the plan says."""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Global ranks of each role, in role-index order."""
+
+    oracle: int
+    servers: tuple[int, ...]
+    trainers: tuple[int, ...]
+
+    def describe(self, rank: int) -> str:
+        if rank == self.oracle:
+            return f"oracle (rank {rank})"
+        if rank in self.servers:
+            return f"server {self.servers.index(rank)} (rank {rank})"
+        if rank in self.trainers:
+            return f"trainer {self.trainers.index(rank)} (rank {rank})"
+        return f"rank {rank}"
+
+    def role_of(self, rank: int) -> tuple[str, int]:
+        if rank == self.oracle:
+            return "oracle", 0
+        if rank in self.servers:
+            return "server", self.servers.index(rank)
+        return "trainer", self.trainers.index(rank)
+
+
+def parse_node_roles(spec: str) -> list[str]:
+    """'oracle=1,server=2,trainer=1' -> the role of each local rank on this node."""
+    out: list[str] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, count = item.partition("=")
+        name = name.strip().rstrip("s")  # accept plurals
+        if name not in ("oracle", "server", "trainer"):
+            raise ValueError(f"--node-roles: unknown role {name!r} in {spec!r} (expected oracle, server, trainer)")
+        try:
+            n = int(count) if count else 1
+        except ValueError:
+            raise ValueError(f"--node-roles: {item!r} is not role=count") from None
+        out += [name] * n
+    return out
+
+
+def local_role(node_roles: str | None, servers: int, trainers: int) -> str:
+    """This process's role from its local rank and its node's role list."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if node_roles is None:
+        if local_world != world:
+            raise ValueError(
+                "a multi-node job needs --node-roles on every node, e.g. 'oracle=1,server=2' on one "
+                "and 'trainer=2' on the other"
+            )
+        node_roles = f"oracle=1,server={servers},trainer={trainers}"
+    roles = parse_node_roles(node_roles)
+    if len(roles) != local_world:
+        raise ValueError(
+            f"--node-roles {node_roles!r} lists {len(roles)} processes but torchrun started "
+            f"{local_world} on this node (--nproc-per-node)"
+        )
+    return roles[local_rank]
+
+
+def init_world(timeout_s: float, device: str = "cpu") -> None:
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
+    """Every rank learns every rank's role; the counts must match the command line."""
+    world = dist.get_world_size()
+    if world != trainers + servers + 1:
+        raise ValueError(
+            f"world size {world} != trainers {trainers} + servers {servers} + 1 oracle; "
+            f"start torchrun with --nproc-per-node {trainers + servers + 1} (or use `bagpipe launch`)"
+        )
+    names = [None] * world
+    dist.all_gather_object(names, my_role)
+    oracle = [r for r, n in enumerate(names) if n == "oracle"]
+    server_ranks = tuple(r for r, n in enumerate(names) if n == "server")
+    trainer_ranks = tuple(r for r, n in enumerate(names) if n == "trainer")
+    if len(oracle) != 1 or len(server_ranks) != servers or len(trainer_ranks) != trainers:
+        raise ValueError(
+            f"roles across nodes give {len(oracle)} oracle, {len(server_ranks)} servers, "
+            f"{len(trainer_ranks)} trainers; expected 1, {servers}, {trainers}"
+        )
+    return Roles(oracle[0], server_ranks, trainer_ranks)
+
+
+@dataclass
+class Groups:
+    """One gloo group per purpose; see the module docstring."""
+
+    dense: object  # trainers: ordered dense-gradient reduction
+    exchange: object  # trainers: all_to_all of rows and contributions
+    data: object  # everyone: trainer <-> server stage messages
+    plan: object  # everyone: oracle -> plans
+    metrics: object  # everyone: -> oracle metrics and digests
+
+
+def make_groups(roles: Roles, timeout_s: float) -> Groups:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    trainers = list(roles.trainers)
+    everyone = list(range(dist.get_world_size()))
+    return Groups(
+        dense=dist.new_group(trainers, timeout=timeout, backend="gloo"),
+        exchange=dist.new_group(trainers, timeout=timeout, backend="gloo"),
+        data=dist.new_group(everyone, timeout=timeout, backend="gloo"),
+        plan=dist.new_group(everyone, timeout=timeout, backend="gloo"),
+        metrics=dist.new_group(everyone, timeout=timeout, backend="gloo"),
+    )
+
+
+# --- framed messages -------------------------------------------------------------
+# A frame is one uint8 tensor: int64 header [MAGIC, stage, kind, src, n0, n1, n2, 0]
+# then the int64 arrays, then the float32 arrays, in a layout both sides derive
+# from the plan. The receiver checks the header, so a size or stage mismatch is an
+# error instead of a stale buffer tail.
+
+HEADER_WORDS = 8
+
+
+def frame_size(int_counts: list[int], float_counts: list[int]) -> int:
+    return 8 * (HEADER_WORDS + sum(int_counts)) + 4 * sum(float_counts)
+
+
+def pack_frame(stage: int, kind: int, src: int, counts: tuple[int, int, int],
+               ints: list[np.ndarray], floats: list[np.ndarray]) -> torch.Tensor:
+    header = np.array([MAGIC, stage, kind, src, *counts, 0], dtype=np.int64)
+    parts = [header.view(np.uint8)]
+    parts += [np.ascontiguousarray(a, dtype=np.int64).view(np.uint8).ravel() for a in ints]
+    parts += [np.ascontiguousarray(a, dtype=np.float32).view(np.uint8).ravel() for a in floats]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def unpack_frame(buf: torch.Tensor, expect: tuple[int, int, int, int, tuple[int, int, int]],
+                 int_counts: list[int], float_counts: list[int], who: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Check the header against (stage, kind, src, counts) and split the payload."""
+    raw = buf.numpy()
+    header = raw[: 8 * HEADER_WORDS].view(np.int64)
+    stage, kind, src, counts = expect[0], expect[1], expect[2], expect[4]
+    got = (int(header[1]), int(header[2]), int(header[3]), tuple(int(x) for x in header[4:7]))
+    if int(header[0]) != MAGIC or got != (stage, kind, src, tuple(counts)):
+        raise PeerError(
+            f"{who}: unexpected message header {got}, expected {(stage, kind, src, tuple(counts))} "
+            f"(magic {'ok' if int(header[0]) == MAGIC else 'bad'}): sender and plan disagree"
+        )
+    pos = 8 * HEADER_WORDS
+    ints, floats = [], []
+    for n in int_counts:
+        ints.append(raw[pos : pos + 8 * n].view(np.int64))
+        pos += 8 * n
+    for n in float_counts:
+        floats.append(raw[pos : pos + 4 * n].view(np.float32))
+        pos += 4 * n
+    return ints, floats
+
+
+def wait(work, what: str) -> None:
+    """Wait on a request; turn gloo's errors into one that names the peer."""
+    try:
+        work.wait()
+    except RuntimeError as err:
+        raise PeerError(f"{what}: {err}") from err
+
+
+def send_array(arr: np.ndarray, dst: int, group, tag: int = 0) -> list:
+    """Variable-length int64 message: length first, then the payload (both async)."""
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    length = torch.tensor([arr.size], dtype=torch.int64)
+    works = [dist.isend(length, dst, group=group, tag=tag)]
+    if arr.size:
+        works.append(dist.isend(torch.from_numpy(arr), dst, group=group, tag=tag))
+    # keep the tensors alive until the sends complete
+    return [(w, length, arr) for w in works]
+
+
+def recv_array(src: int, group, what: str, tag: int = 0) -> np.ndarray:
+    length = torch.zeros(1, dtype=torch.int64)
+    wait(dist.irecv(length, src, group=group, tag=tag), what)
+    n = int(length.item())
+    out = torch.empty(n, dtype=torch.int64)
+    if n:
+        wait(dist.irecv(out, src, group=group, tag=tag), what)
+    return out.numpy()
+
+
+def fail_fast(desc: str, err: BaseException) -> None:
+    """Report a role's failure with its name and end the process now: waiting for
+    destructors or other threads could hang on a dead peer."""
+    print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    if not isinstance(err, PeerError):
+        traceback.print_exc(file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)

@@ -1,0 +1,62 @@
+"""`none` mode trainer: the no-cache baseline.
+
+Every iteration fetches every row its slice reads from the servers (answered after
+the previous stage is applied) and sends every gradient contribution back; the
+servers apply the shared optimizer. The step itself is `local`'s, unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bagpipe.trainers.common import PhaseTimer
+from bagpipe.trainers.runtime import TrainerRuntime
+from bagpipe.trainers.step import slice_step
+
+NO_KEYS = np.zeros(0, dtype=np.int64)
+
+
+def run_nocache_trainer(rt: TrainerRuntime) -> None:
+    cfg, opt = rt.cfg, rt.cfg.optimizer
+    timer = PhaseTimer()
+    boot = rt.next_plan(-1)
+    rt.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot.fetch_keys)
+    pending = rt.post_answers(-1, boot.fetch_keys, with_state=False)
+    bar = tqdm(total=rt.data.num_train_batches, desc="none", unit="it", disable=None if rt.k == 0 else True)
+    for batch in rt.data.train_batches():
+        start = time.perf_counter()
+        i = batch.index
+        plan = rt.next_plan(i)
+        part, sk = rt.my_slice(batch)
+        rt.check_reads(plan, sk.keys)
+        with timer.phase("wait"):
+            working_set, _ = rt.wait_answers(pending)
+        fetched_bytes = pending.bytes
+        with timer.phase("compute"):
+            result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
+                                working_set, sk.inverse, cfg.data.batch_size)
+        with timer.phase("exchange"):
+            dense_grad, loss = rt.reduce_dense(result)
+        with timer.phase("update"):
+            rt.dense.step(dense_grad, opt.dense_lr_at(i))
+            sent = rt.send_stage(i, sk.keys, result.row_grads, NO_KEYS, None, None, plan.fetch_keys)
+            pending = rt.post_answers(i, plan.fetch_keys, with_state=False)
+        record = {
+            "iter": i, "loss": loss.item(), "rows_read": len(sk.keys), "rows_fetched": len(sk.keys),
+            "bytes_server": fetched_bytes + sent,
+        }
+        if rt.k == 0:
+            record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
+        record.update({k: v for k, v in timer.pop().items()})
+        record["time_iter"] = time.perf_counter() - start
+        rt.send_metrics(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    rt.wait_answers(pending)  # the last stage answers nothing, but its frames must arrive
+    rt.evaluate_over_servers(first_stage=rt.data.num_train_batches)
+    rt.finish()
