@@ -27,7 +27,7 @@ from bagpipe.optim import apply_rows, initial_state, state_dim
 from bagpipe.rows import RowSpace
 from bagpipe.metrics import peak_rss_kb
 from bagpipe.transport import Groups, PeerError, Roles, pack_frame, recv_array, unpack_frame, wait
-from bagpipe import wire
+from bagpipe import faults, wire
 
 KIND_STAGE = 1
 KIND_ANSWER = 2
@@ -94,6 +94,7 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
         if plan.stage == STOP_STAGE:
             break
         s = plan.stage
+        faults.maybe_kill("server", index, s)
         # post every receive of the stage before waiting on anything
         recvs = []
         for k, src in enumerate(trainers):
@@ -124,6 +125,8 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
                     )
                 grad_parts.append((keys, torch.from_numpy(floats[0].reshape(-1, d))))
         if grad_parts:
+            if faults.active("reverse_contributions"):
+                grad_parts = grad_parts[::-1]
             union = union_of([k for k, _ in grad_parts])
             grads = sum_contributions(union, grad_parts, d)
             idx = shard.local(union, desc)

@@ -133,6 +133,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
     role = transport.local_role(node_roles, cfg.cluster.servers, cfg.cluster.trainers)
     transport.init_world(cfg.cluster.timeout_s, cfg.cluster.device)
     desc = f"{role} (rank {dist.get_rank()})"
+    roles = None
     try:
         roles = transport.gather_roles(role, cfg.cluster.servers, cfg.cluster.trainers)
         desc = roles.describe(dist.get_rank())
@@ -165,7 +166,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
 
                 run_cached_trainer(runtime)
     except BaseException as err:  # noqa: BLE001 - report and end this process now
-        transport.fail_fast(desc, err)
+        transport.fail_fast(desc, err, roles)
     dist.destroy_process_group()
     return 0
 

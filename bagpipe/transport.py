@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class Roles:
     oracle: int
     servers: tuple[int, ...]
     trainers: tuple[int, ...]
+    hosts: tuple[str, ...] = ()
+    pids: tuple[int, ...] = ()
 
     def describe(self, rank: int) -> str:
         if rank == self.oracle:
@@ -104,8 +107,9 @@ def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
             f"world size {world} != trainers {trainers} + servers {servers} + 1 oracle; "
             f"start torchrun with --nproc-per-node {trainers + servers + 1} (or use `bagpipe launch`)"
         )
-    names = [None] * world
-    dist.all_gather_object(names, my_role)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (my_role, socket.gethostname(), os.getpid()))
+    names = [g[0] for g in gathered]
     oracle = [r for r, n in enumerate(names) if n == "oracle"]
     server_ranks = tuple(r for r, n in enumerate(names) if n == "server")
     trainer_ranks = tuple(r for r, n in enumerate(names) if n == "trainer")
@@ -114,7 +118,28 @@ def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
             f"roles across nodes give {len(oracle)} oracle, {len(server_ranks)} servers, "
             f"{len(trainer_ranks)} trainers; expected 1, {servers}, {trainers}"
         )
-    return Roles(oracle[0], server_ranks, trainer_ranks)
+    return Roles(oracle[0], server_ranks, trainer_ranks,
+                 hosts=tuple(g[1] for g in gathered), pids=tuple(g[2] for g in gathered))
+
+
+def dead_peers(roles: Roles | None) -> list[str]:
+    """Peers on this host whose process is gone (or a zombie): who to blame when a
+    collective fails without naming its peer. Peers on other hosts can't be probed."""
+    if roles is None or not roles.pids:
+        return []
+    here, dead = socket.gethostname(), []
+    for rank, (host, pid) in enumerate(zip(roles.hosts, roles.pids)):
+        if host != here or pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            alive = state not in ("Z", "X")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            alive = False
+        if not alive:
+            dead.append(roles.describe(rank))
+    return dead
 
 
 @dataclass
@@ -191,7 +216,15 @@ def wait(work, what: str) -> None:
     try:
         work.wait()
     except RuntimeError as err:
-        raise PeerError(f"{what}: {err}") from err
+        raise PeerError(f"{what}: {_gloo_reason(err)}") from err
+
+
+def _gloo_reason(err: BaseException) -> str:
+    """gloo's message without its source path and boilerplate advice."""
+    text = str(err).strip()
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically caused", 1)[0]
 
 
 def send_array(arr: np.ndarray, dst: int, group, tag: int = 0) -> list:
@@ -215,10 +248,12 @@ def recv_array(src: int, group, what: str, tag: int = 0) -> np.ndarray:
     return out.numpy()
 
 
-def fail_fast(desc: str, err: BaseException) -> None:
+def fail_fast(desc: str, err: BaseException, roles: Roles | None = None) -> None:
     """Report a role's failure with its name and end the process now: waiting for
     destructors or other threads could hang on a dead peer."""
-    print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    dead = dead_peers(roles) if isinstance(err, PeerError) else []
+    blame = f" [dead peers: {', '.join(dead)}]" if dead else ""
+    print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}{blame}", file=sys.stderr, flush=True)
     if not isinstance(err, PeerError):
         traceback.print_exc(file=sys.stderr)
     sys.stderr.flush()

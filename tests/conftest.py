@@ -30,9 +30,9 @@ def train_args(data: str, run_dir: str, *extra: str, iters: int = 8, batch: int 
 
 
 def run_local(data: str, run_dir: str, *extra: str, **kw) -> dict:
-    from bagpipe.cli import main
+    from bagpipe.train import main
 
-    assert main(["train", "--mode", "local", *train_args(data, run_dir, *extra, **kw)]) == 0
+    assert main(["--mode", "local", *train_args(data, run_dir, *extra, **kw)]) == 0
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
 

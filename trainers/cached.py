@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from bagpipe import faults
+
 from bagpipe.embedding import sum_contributions
 from bagpipe.hashing import rows_digest
 from bagpipe.optim import initial_state, update_table_rows
@@ -125,6 +127,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
     for batch in rt.data.train_batches():
         start = time.perf_counter()
         i = batch.index
+        faults.maybe_kill("trainer", rt.k, i)
         plan = rt.next_plan(i)
         part, sk = rt.my_slice(batch)
         rt.check_reads(plan, sk.keys)
@@ -158,6 +161,8 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
                     parts.append((sk.keys[plan.owned_pos], result.row_grads[torch.from_numpy(plan.owned_pos)]))
                 elif len(plan.send_slots[r]):
                     parts.append((cache.slot_keys[plan.send_slots[r]], contrib_in[r]))
+            if faults.active("reverse_contributions"):
+                parts = parts[::-1]
             grads = sum_contributions(plan.update_keys, parts, rt.d)
             slots = cache.check(plan.update_slots, plan.update_keys, "update")
             update_table_rows(opt.sparse, cache.values, cache.state, slots, grads, opt.sparse_lr_at(i), opt.eps)

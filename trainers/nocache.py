@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bagpipe import faults
+
 from bagpipe.trainers.common import PhaseTimer
 from bagpipe.trainers.runtime import TrainerRuntime
 from bagpipe.trainers.step import slice_step
@@ -30,6 +32,7 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
     for batch in rt.data.train_batches():
         start = time.perf_counter()
         i = batch.index
+        faults.maybe_kill("trainer", rt.k, i)
         plan = rt.next_plan(i)
         part, sk = rt.my_slice(batch)
         rt.check_reads(plan, sk.keys)
