@@ -254,8 +254,8 @@ def fail_fast(desc: str, err: BaseException, roles: Roles | None = None) -> None
     dead = dead_peers(roles) if isinstance(err, PeerError) else []
     blame = f" [dead peers: {', '.join(dead)}]" if dead else ""
     print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}{blame}", file=sys.stderr, flush=True)
-    if not isinstance(err, PeerError):
-        traceback.print_exc(file=sys.stderr)
+    if not isinstance(err, (PeerError, ValueError, RuntimeError)) or type(err) is RuntimeError:
+        traceback.print_exc(file=sys.stderr)  # unexpected: the traceback is the report
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bagpipe import wire
+from bagpipe import faults, wire
 from bagpipe.config import RunConfig
 from bagpipe.metrics import RunWriter, auc, logloss, peak_rss_kb
 from bagpipe.oracle.plan import ServerPlan, server_of
@@ -60,7 +60,7 @@ def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace):
     T, S = cfg.cluster.trainers, cfg.cluster.servers
     batches = _key_batches(cfg, data, rows)
     if cfg.cluster.mode == "none":
-        from bagpipe.oracle._scratch_nocache import plan_none
+        from bagpipe.oracle.nocache import plan_none
 
         return plan_none(T, S, batches)
     from bagpipe.oracle.lrpp import PlannerConfig, default_prefetch_distance, plan_lrpp
@@ -102,6 +102,9 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
         plan_time += time.perf_counter() - start
         if item is None:
             break
+        if faults.active("early_read") and item.iteration >= 1:
+            for plan in item.trainers:  # read rows one stage before their fetch lands
+                plan.wait_through_stage = min(plan.wait_through_stage, item.iteration - 1) - 1
         for k, plan in enumerate(item.trainers):
             sender.send(roles.trainers[k], plan.encode())
         for j, plan in enumerate(item.servers):
@@ -174,7 +177,10 @@ class MetricsCollector:
             record["bytes_moved"] = sum(s["bytes_in"] + s["bytes_out"] for s in servers)
             if cfg.cluster.mode == "bagpipe":
                 record["cache_occupancy"] = [r["cache_occupancy"] for r in reports]
-            record.update(self.plan_stats.pop(i, {}) or {})
+            stats = self.plan_stats.pop(i, {}) or {}
+            for name in ("capacity_evictions", "postponed", "exchange_rows"):
+                if name in stats:
+                    record[f"plan_{name}"] = stats[name]
             for name in totals:
                 totals[name] += record.get(name, 0)
             self.writer.log(record)

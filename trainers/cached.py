@@ -175,7 +175,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             pending.append((rt.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
         record = {
             "iter": i, "loss": loss.item(), "rows_digest": digest, "rows_read": len(sk.keys),
-            "rows_fetched": len(plan.fetch_keys), "rows_written_back": len(plan.writeback_keys),
+            "rows_fetched": len(plan.fetch_keys) + (len(boot.fetch_keys) if i == 0 else 0), "rows_written_back": len(plan.writeback_keys),
             "rows_from_cache": len(sk.keys), "bytes_server": bytes_server, "bytes_exchange": bytes_exchange,
             "cache_occupancy": cache.occupancy,
         }
