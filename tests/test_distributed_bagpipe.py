@@ -10,13 +10,16 @@ from conftest import compare, run_local, run_torchrun
 
 ITERS = 12
 
-# (trainers, servers, lookahead, prefetch distance, cache rows, optimizer, model)
+# (trainers, servers, lookahead, prefetch distance, cache rows, optimizer, model);
+# cache rows 130 at lookahead 7 is near the feasible minimum on the tiny data: capacity
+# evictions happen in most iterations (checked below)
 MATRIX = [
     (1, 1, 1, 1, None, "sgd", "dlrm"),
-    (2, 2, 2, 2, 160, "adagrad", "dlrm"),  # tight: capacity evictions nearly every iteration
+    (2, 2, 7, 2, 130, "adagrad", "dlrm"),  # tight: capacity evictions in most iterations
     (3, 1, 7, 3, None, "rowwise_adagrad", "dcn"),
     (3, 2, 64, 64, None, "sgd", "wide_deep"),
-    (2, 1, 7, 1, 170, "rowwise_adagrad", "deepfm"),
+    (2, 1, 7, 1, 130, "rowwise_adagrad", "deepfm"),  # tight
+    (2, 1, 2, 2, 140, "sgd", "dlrm"),  # short lookahead, bounded capacity
     (2, 1, 7, 7, 4000, "adagrad", "dlrm"),
 ]
 
@@ -43,7 +46,7 @@ def test_bagpipe_is_bit_identical(tiny_data, tmp_path, trainers, servers, lookah
     assert 0 < fetched < read, "a cache that fetches every read is not caching"
     if cache_rows:
         assert all(max(m["cache_occupancy"]) <= cache_rows for m in metrics)
-        if cache_rows < 200:
+        if cache_rows == 130:
             evicting = sum(1 for m in metrics if m.get("plan_capacity_evictions", 0) > 0)
             assert evicting >= ITERS // 2, "the tight case must really evict for capacity"
 
@@ -72,7 +75,7 @@ def test_read_before_the_fetch_lands_is_an_error(tiny_data, tmp_path, monkeypatc
     proc = run_torchrun(tiny_data, str(tmp_path / "run"), "bagpipe", 2, 1, "--lookahead", "2", check=False,
                         iters=ITERS)
     assert proc.returncode != 0
-    assert "is not resident in slot" in proc.stderr, proc.stderr[-3000:]
+    assert "not resident" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_capacity_too_small_is_a_clear_error(tiny_data, tmp_path):

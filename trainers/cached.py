@@ -196,7 +196,9 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
 
 def _keys_at(cache: OwnedCache, slots: np.ndarray) -> np.ndarray:
     """Keys the cache holds in `slots` (out-of-range slots read as missing)."""
-    safe = slots[slots < len(cache.slot_keys)]
-    if len(safe) != len(slots) or np.any(cache.slot_keys[safe] < 0):
-        raise PeerError(f"{cache.who}: the plan sends a row from an empty slot")
-    return cache.slot_keys[slots]
+    held = np.where(slots < len(cache.slot_keys), cache.slot_keys[np.minimum(slots, len(cache.slot_keys) - 1)], -1)
+    if np.any(held < 0):
+        slot = int(slots[np.flatnonzero(held < 0)[0]])
+        raise PeerError(f"{cache.who}: value exchange: slot {slot} holds no row: the plan sends a row that is "
+                        f"not resident")
+    return held
