@@ -56,10 +56,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from bagpipe.datasets.cli import register as register_datasets
+    from bagpipe.oracle.cli import register as register_oracle
 
     parser = argparse.ArgumentParser(prog="bagpipe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     register_datasets(sub)
+    register_oracle(sub)
 
     train = sub.add_parser("train", help="train a model (local, or one role of a torchrun world)")
     add_train_arguments(train)
