@@ -49,6 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--cache-rows", type=int, default=None, help="owned rows per trainer (bagpipe mode)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (digests are comparable only at equal thread counts)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
     p.add_argument("--node-roles", default=None,
                    help="roles of this node's processes in a multi-node job, e.g. 'oracle=1,server=2' or 'trainer=2'")
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `bagpipe train` arguments")
     launch.set_defaults(func=_cmd_launch)
 
+    bench = sub.add_parser("bench", help="benchmark local, none and bagpipe side by side (optionally over a shaped link)")
+    from bagpipe.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
     compare = sub.add_parser("compare", help="exit 0 when two runs have identical digests")
     compare.add_argument("run_a")
     compare.add_argument("run_b")
@@ -96,6 +104,12 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bagpipe.bench import main_from_args
+
+    return main_from_args(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

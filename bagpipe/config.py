@@ -130,6 +130,7 @@ class RunConfig:
     eval_every: int | None = None
     run_dir: str = "runs/default"
     log_every: int = 1
+    threads: int = 1  # torch threads per process; bits are only promised at equal thread counts
 
     def __post_init__(self) -> None:
         batch, trainers = self.data.batch_size, self.cluster.trainers
@@ -137,6 +138,8 @@ class RunConfig:
             raise ConfigError(f"--batch-size must be positive, got {batch}")
         if batch % trainers != 0:
             raise ConfigError(f"--batch-size {batch} is not divisible by --trainers {trainers}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -74,6 +74,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         iters=args.iters,
         eval_every=args.eval_every,
         run_dir=args.run_dir or os.path.join("runs", args.mode),
+        threads=args.threads,
     )
 
 
@@ -97,7 +98,7 @@ def _run_local(cfg: RunConfig) -> int:
     from bagpipe.trainers.data import RunData
     from bagpipe.trainers.local import train_local
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
     writer = RunWriter(cfg.run_dir, cfg.to_dict())
     try:
@@ -128,7 +129,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
             f"{cfg.cluster.trainers} --servers {cfg.cluster.servers} -- ...` or torchrun --nproc-per-node "
             f"{cfg.cluster.trainers + cfg.cluster.servers + 1} -m bagpipe.train ..."
         )
-    torch.set_num_threads(1)
+    torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
     role = transport.local_role(node_roles, cfg.cluster.servers, cfg.cluster.trainers)
     transport.init_world(cfg.cluster.timeout_s, cfg.cluster.device)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from bagpipe.config import RunConfig
 from bagpipe.embedding import slice_keys, sum_contributions, union_of
 from bagpipe.hashing import rows_digest
+from bagpipe.metrics import peak_rss_kb
 from bagpipe.optim import initial_state, state_dim, update_table_rows
 from bagpipe.rows import RowSpace
 from bagpipe.trainers.common import DenseState, PhaseTimer, evaluate, final_digest, iteration_digest
@@ -117,4 +118,5 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
         "rows_fetched": 0,
         "bytes_moved": 0,
         "state_dim": state_dim(opt.sparse, rows.row_dim),
+        "peak_rss_kb": peak_rss_kb(),
     }
