@@ -1,0 +1,77 @@
+"""Plans of the no-cache baseline (`none` mode), with the same stage convention as LRPP.
+
+Stage -1 (bootstrap) fetches the reads of iteration 0. At stage i every trainer
+sends its gradients of iteration i (the servers apply the optimizer) and fetches
+the reads of iteration i+1, so a fetch sees every update of iterations <= i. The
+last iteration's stage fetches nothing. Trainer k's plan for iteration i carries
+its reads, ``fetch_keys`` = its reads of i+1 (``fetch_slots`` = their positions,
+unused), empty ownership/exchange/write-back lists and
+``wait_through_stage = i - 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .lrpp import IterationPlan, PlanError, _server_plans
+from .plan import EMPTY_I64, TrainerPlan
+from .window import sorted_unique
+
+
+def _slice_reads(batch: np.ndarray, trainers: int, index: int) -> list[np.ndarray]:
+    arr = np.asarray(batch)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise PlanError(f"batch {index}: expected an int64 [B, tables] key array, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] % trainers:
+        raise PlanError(f"batch {index}: {arr.shape[0]} examples do not split over {trainers} trainers")
+    per = arr.shape[0] // trainers
+    return [sorted_unique(arr[k * per : (k + 1) * per].astype(np.int64, copy=False)) for k in range(trainers)]
+
+
+def plan_none(trainers: int, servers: int, batches: Iterable[np.ndarray]) -> Iterator[IterationPlan]:
+    if trainers < 1 or servers < 1:
+        raise PlanError(f"trainers and servers must be >= 1, got {trainers} and {servers}")
+    T = trainers
+    it = iter(batches)
+    empties = [EMPTY_I64] * T
+
+    def plan(i: int, reads: list[np.ndarray] | None, nxt: list[np.ndarray] | None) -> IterationPlan:
+        fetch = nxt if nxt is not None else empties
+        grads = reads if reads is not None else empties
+        tps = []
+        for k in range(T):
+            r = reads[k] if reads is not None else EMPTY_I64
+            tps.append(TrainerPlan(
+                iteration=i, trainer=k, reads=r, owned_pos=EMPTY_I64, owned_slots=EMPTY_I64,
+                recv_pos=list(empties), send_slots=list(empties), update_slots=EMPTY_I64,
+                update_keys=EMPTY_I64, writeback_slots=EMPTY_I64, writeback_keys=EMPTY_I64,
+                fetch_keys=fetch[k], fetch_slots=np.arange(fetch[k].size, dtype=np.int64),
+                wait_through_stage=i - 1 if i >= 0 else -2,
+            ))
+        total_reads = int(sum(g.size for g in grads))
+        stats = {
+            "stage": i, "reads": total_reads, "fetched": int(sum(f.size for f in fetch)),
+            "fetched_per_trainer": [int(f.size) for f in fetch], "written_back": 0,
+            "gradients": total_reads, "capacity_evictions": 0, "postponed": 0,
+            "occupancy": [0] * T, "exchange_rows": 0,
+        }
+        return IterationPlan(i, tps, _server_plans(i, servers, T, list(empties), list(fetch), list(grads)), stats)
+
+    index = 0
+    try:
+        cur = _slice_reads(next(it), T, index)
+    except StopIteration:
+        yield plan(-1, None, None)
+        return
+    yield plan(-1, None, cur)
+    while True:
+        try:
+            nxt = _slice_reads(next(it), T, index + 1)
+        except StopIteration:
+            yield plan(index, cur, None)
+            return
+        yield plan(index, cur, nxt)
+        cur = nxt
+        index += 1
