@@ -1,0 +1,270 @@
+"""Deterministic global batches from a dataset's Parquet parts.
+
+Order: the parts are concatenated in the given order (or, with ``shuffle_seed``,
+their (file, row group) units are permuted once with
+``np.random.default_rng(shuffle_seed)``; rows inside a unit keep their order), and
+global batch i is rows ``[i * B, (i + 1) * B)`` of that stream. Batches straddle
+row groups and files freely; a partial last batch is dropped (DESIGN.md section 2).
+``start_batch`` skips ahead using the row-group row counts in the footers, without
+reading the skipped rows.
+
+A `Batch` holds ``dense`` float32 [B, num_dense] (C order), ``labels`` float32 [B]
+and ``sparse`` int64 [num_tables, B] (table-major, C order); `Batch.slice(k, T)` is
+trainer k's contiguous slice. Batches are fresh arrays (never reused), so a
+consumer may keep a window of them (the oracle does).
+
+Every consumed id is checked against its table's cardinality (vectorised min/max
+per column per slice); a bad id raises `DatasetError` naming the file, column,
+value and row.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .format import DatasetError, DatasetMeta, list_parts, read_meta
+
+COLUMNS = ("all", "sparse")
+
+
+@dataclass
+class Batch:
+    index: int
+    dense: np.ndarray  # float32 [b, num_dense]; [0, num_dense] when read with columns="sparse"
+    labels: np.ndarray  # float32 [b]; [0] when read with columns="sparse"
+    sparse: np.ndarray  # int64 [num_tables, b], C-contiguous
+
+    @property
+    def size(self) -> int:
+        return int(self.sparse.shape[1])
+
+    def slice(self, rank: int, trainers: int) -> "Batch":
+        """Trainer `rank`'s contiguous slice: rows [rank*b/T, (rank+1)*b/T)."""
+        b = self.size
+        if trainers <= 0 or not 0 <= rank < trainers:
+            raise ValueError(f"rank {rank} out of range for {trainers} trainers")
+        if b % trainers:
+            raise ValueError(f"batch of {b} rows does not split evenly over {trainers} trainers")
+        per = b // trainers
+        lo, hi = rank * per, (rank + 1) * per
+        has_rows = self.labels.shape[0] == b
+        return Batch(
+            index=self.index,
+            dense=self.dense[lo:hi] if has_rows else self.dense,
+            labels=self.labels[lo:hi] if has_rows else self.labels,
+            sparse=np.ascontiguousarray(self.sparse[:, lo:hi]),
+        )
+
+
+def _as_parts(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return list_parts(path)
+    if os.path.isfile(path):
+        return [path]
+    raise DatasetError(f"{path}: dataset does not exist (no such file or directory)")
+
+
+def split_parts(path: str, eval_path: str | None = None) -> tuple[list[str], list[str]]:
+    """(train parts, eval parts) of a dataset.
+
+    By default the last part is the eval split when there are >= 2 parts; with one
+    part the eval list is empty (the caller decides). With `eval_path` (a part file
+    or a dataset directory) every part of `path` is training data."""
+    parts = _as_parts(path)
+    if eval_path is not None:
+        return parts, _as_parts(eval_path)
+    if len(parts) >= 2:
+        return parts[:-1], parts[-1:]
+    return parts, []
+
+
+def num_rows(parts: Sequence[str]) -> int:
+    return sum(_footer(p).num_rows for p in parts)
+
+
+def num_batches(parts: Sequence[str], batch_size: int) -> int:
+    """Number of full global batches over the concatenated parts (footers only)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return num_rows(parts) // batch_size
+
+
+def _footer(path: str) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: not a readable Parquet file: {err}") from err
+
+
+def check_compatible(meta: DatasetMeta, num_dense: int, cardinalities: Sequence[int], where: str) -> None:
+    """Raise DatasetError unless the dataset matches the model's dense features and tables."""
+    problems = []
+    if meta.num_dense != num_dense:
+        problems.append(f"{meta.num_dense} dense features, the model expects {num_dense}")
+    cards = list(cardinalities)
+    if meta.num_tables != len(cards):
+        problems.append(f"{meta.num_tables} sparse features (tables), the model expects {len(cards)}")
+    else:
+        diffs = [
+            f"{name}: dataset {d}, model {m}"
+            for name, d, m in zip(meta.sparse_features, meta.cardinalities, cards)
+            if int(d) != int(m)
+        ]
+        if diffs:
+            more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+            problems.append("table cardinalities differ: " + "; ".join(diffs[:5]) + more)
+    if problems:
+        raise DatasetError(f"{where}: dataset does not match the model config: " + "; ".join(problems))
+
+
+class BatchReader:
+    """Iterate global batches of exactly `batch_size` rows (see module docstring)."""
+
+    def __init__(
+        self,
+        parts: Sequence[str],
+        batch_size: int,
+        *,
+        columns: str = "all",
+        shuffle_seed: int | None = None,
+        start_batch: int = 0,
+        max_batches: int | None = None,
+        check_ids: bool = True,
+        use_threads: bool = False,
+    ) -> None:
+        if not parts:
+            raise DatasetError("no dataset parts to read")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if columns not in COLUMNS:
+            raise ValueError(f"columns must be one of {COLUMNS}, got {columns!r}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if max_batches is not None and max_batches < 0:
+            raise ValueError(f"max_batches must be >= 0, got {max_batches}")
+        self.parts = [os.fspath(p) for p in parts]
+        self.batch_size = batch_size
+        self.columns = columns
+        self.shuffle_seed = shuffle_seed
+        self.start_batch = start_batch
+        self.check_ids = check_ids
+        self.use_threads = use_threads
+        self.meta = read_meta(self.parts[0])
+        for p in self.parts[1:]:
+            m = read_meta(p)
+            if m.dense_features != self.meta.dense_features or m.sparse_features != self.meta.sparse_features \
+                    or m.cardinalities != self.meta.cardinalities:
+                raise DatasetError(f"{p}: features or cardinalities differ from {self.parts[0]}")
+        # units: (part index, row group, rows)
+        units = []
+        for i, p in enumerate(self.parts):
+            md = _footer(p)
+            for rg in range(md.num_row_groups):
+                n = md.row_group(rg).num_rows
+                if n:
+                    units.append((i, rg, n))
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(len(units))
+            units = [units[k] for k in order]
+        self.units = units
+        self.num_rows = sum(u[2] for u in units)
+        total = self.num_rows // batch_size
+        self.total_batches = total
+        n = max(0, total - start_batch)
+        self.num_batches = n if max_batches is None else min(n, max_batches)
+        self._cards = np.asarray(self.meta.cardinalities, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _read(self, unit: tuple[int, int, int], files: dict) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        i, rg, _ = unit
+        pf = files.get(i)
+        if pf is None:
+            files.clear()  # keep at most one open file
+            pf = files[i] = pq.ParquetFile(self.parts[i])
+        meta = self.meta
+        names = list(meta.sparse_features)
+        if self.columns == "all":
+            names = ["label", *meta.dense_features, *names]
+        table = pf.read_row_group(rg, columns=names, use_threads=self.use_threads)
+        cols = [table.column(k).to_numpy() for k in range(table.num_columns)]
+        if self.columns == "all":
+            return cols[:1], cols[1 : 1 + meta.num_dense], cols[1 + meta.num_dense :]
+        return [], [], cols
+
+    def _check(self, sparse: np.ndarray, unit: tuple[int, int, int], row0: int) -> None:
+        """sparse: [T, k] slice of the batch just filled from `unit` starting at its row row0."""
+        if not self.check_ids or sparse.shape[1] == 0:
+            return
+        lo = sparse.min(axis=1)
+        hi = sparse.max(axis=1)
+        bad = np.flatnonzero((lo < 0) | (hi >= self._cards))
+        if bad.size == 0:
+            return
+        t = int(bad[0])
+        row = sparse[t]
+        where = np.flatnonzero((row < 0) | (row >= self._cards[t]))[0]
+        i, rg, _ = unit
+        md = _footer(self.parts[i])
+        file_row = sum(md.row_group(g).num_rows for g in range(rg)) + row0 + int(where)
+        raise DatasetError(
+            f"{self.parts[i]}: column {self.meta.sparse_features[t]!r} has id {int(row[where])} outside "
+            f"[0, {int(self._cards[t])}) at row {file_row} (row group {rg})"
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        B = self.batch_size
+        T, D = self.meta.num_tables, self.meta.num_dense
+        full = self.columns == "all"
+        remaining = self.num_batches
+        if remaining == 0:
+            return
+        # locate the first row to read
+        skip = self.start_batch * B
+        u = 0
+        while skip >= self.units[u][2]:
+            skip -= self.units[u][2]
+            u += 1
+        files: dict = {}
+        index = self.start_batch
+
+        def fresh():
+            if full:
+                return np.empty((B, D), np.float32), np.empty(B, np.float32), np.empty((T, B), np.int64)
+            return np.empty((0, D), np.float32), np.empty(0, np.float32), np.empty((T, B), np.int64)
+
+        dense, labels, sparse = fresh()
+        fill = 0
+        while remaining > 0:
+            unit = self.units[u]
+            lab_cols, dense_cols, sparse_cols = self._read(unit, files)
+            n = unit[2]
+            off = skip
+            skip = 0
+            while off < n and remaining > 0:
+                k = min(n - off, B - fill)
+                dst = sparse[:, fill : fill + k]
+                for t in range(T):
+                    dst[t] = sparse_cols[t][off : off + k]
+                self._check(dst, unit, off)
+                if full:
+                    labels[fill : fill + k] = lab_cols[0][off : off + k]
+                    dd = dense[fill : fill + k]
+                    for j in range(D):
+                        dd[:, j] = dense_cols[j][off : off + k]
+                fill += k
+                off += k
+                if fill == B:
+                    yield Batch(index=index, dense=dense, labels=labels, sparse=sparse)
+                    index += 1
+                    remaining -= 1
+                    if remaining:
+                        dense, labels, sparse = fresh()
+                    fill = 0
+            u += 1
