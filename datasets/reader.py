@@ -122,6 +122,28 @@ def check_compatible(meta: DatasetMeta, num_dense: int, cardinalities: Sequence[
         raise DatasetError(f"{where}: dataset does not match the model config: " + "; ".join(problems))
 
 
+def check_id_ranges(parts: Sequence[str], meta: DatasetMeta) -> None:
+    """Every sparse id within its table, from the Parquet min/max statistics alone.
+
+    Lets a job refuse bad data before any process starts training; row groups
+    without statistics are left to the reader's per-batch check."""
+    for part in parts:
+        footer = _footer(part)
+        names = [footer.schema.column(i).name for i in range(footer.num_columns)]
+        for table, (name, card) in enumerate(zip(meta.sparse_features, meta.cardinalities)):
+            col = names.index(name)
+            for g in range(footer.num_row_groups):
+                stats = footer.row_group(g).column(col).statistics
+                if stats is None or not stats.has_min_max:
+                    continue
+                if stats.min < 0 or stats.max >= card:
+                    bad = stats.max if stats.max >= card else stats.min
+                    raise DatasetError(
+                        f"{part}: column {name} (table {table}), row group {g}: id {bad} is outside "
+                        f"[0, {card}) — the data does not match its table cardinality"
+                    )
+
+
 class BatchReader:
     """Iterate global batches of exactly `batch_size` rows (see module docstring)."""
 

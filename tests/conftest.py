@@ -55,3 +55,23 @@ def compare(run_a: str, run_b: str) -> tuple[bool, str]:
     from bagpipe.compare import compare_runs
 
     return compare_runs(run_a, run_b)
+
+
+@pytest.fixture(scope="session")
+def bad_id_data(tiny_data, tmp_path_factory) -> str:
+    """The tiny dataset with one id of table C2 outside its cardinality (200)."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path_factory.mktemp("data") / "bad_ids")
+    shutil.copytree(tiny_data, out)
+    part = os.path.join(out, "part-00001.parquet")
+    table = pq.read_table(part)
+    ids = table.column("C2").to_numpy().copy()
+    ids[17] = 999
+    table = table.set_column(table.schema.get_field_index("C2"), "C2", pa.array(ids))
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), part)
+    return out

@@ -50,8 +50,9 @@ def test_killed_process_ends_the_job_with_a_named_failure(tiny_data, tmp_path, m
     assert not os.path.exists(tmp_path / "run" / "summary.json")
 
 
-def test_bad_configuration_fails_every_rank_before_work(tiny_data, tmp_path):
-    proc = run_torchrun(tiny_data, str(tmp_path / "run"), "none", 7, 1, check=False, timeout=60)
+def test_bad_data_fails_every_rank_before_work(bad_id_data, tmp_path):
+    proc = run_torchrun(bad_id_data, str(tmp_path / "run"), "none", 2, 1, check=False, timeout=60)
     assert proc.returncode != 0
-    assert proc.stderr.count("error: --batch-size 60 is not divisible by --trainers 7") == 1
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-3000:]
+    assert "part-00001.parquet: column C2 (table 1), row group 0: id 999 is outside [0, 200)" in proc.stderr
     assert not os.path.exists(tmp_path / "run")

@@ -75,3 +75,11 @@ def test_bad_configuration_is_one_clear_error(tiny_data, tmp_path, capsys):
     assert main(["train", *train_args(str(tmp_path / "nowhere"), str(tmp_path / "x"))]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x" / "summary.json")
+
+
+def test_out_of_range_ids_fail_before_training(bad_id_data, tmp_path, capsys):
+    from bagpipe.cli import main
+
+    assert main(["train", *train_args(bad_id_data, str(tmp_path / "x"))]) == 2
+    assert "column C2 (table 1)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")

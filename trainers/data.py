@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bagpipe.config import ConfigError, RunConfig
 from bagpipe.datasets.format import DatasetMeta, read_meta
-from bagpipe.datasets.reader import BatchReader, check_compatible, num_batches, split_parts
+from bagpipe.datasets.reader import BatchReader, check_compatible, check_id_ranges, num_batches, split_parts
 
 
 @dataclass
@@ -25,6 +25,7 @@ class RunData:
         train_parts, eval_parts = split_parts(cfg.data.path, cfg.data.eval_path)
         meta = read_meta(train_parts[0])
         check_compatible(meta, cfg.model.num_dense, cfg.model.cardinalities, where=cfg.data.path)
+        check_id_ranges(train_parts + eval_parts, meta)
         available = num_batches(train_parts, cfg.data.batch_size)
         if available == 0:
             raise ConfigError(
