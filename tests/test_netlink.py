@@ -112,31 +112,32 @@ def test_killed_server_fails_the_job_and_leaves_nothing(tiny_data, tmp_path, cap
 
 
 _BENCH = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from bagpipe.netlink import ShapedLink
-link = ShapedLink(1.0, ["x", "y"])
+link = ShapedLink(1.0, ["x", "y"], prefix=sys.argv[1].format(pid=os.getpid()))
 sleeper = subprocess.Popen(link.wrap("x", ["sleep", "300"]))
 print(link.prefix, sleeper.pid, flush=True)
 time.sleep(300)
 """
 
 
-def _start_bench():
-    child = subprocess.Popen([sys.executable, "-c", _BENCH], stdout=subprocess.PIPE, text=True)
-    prefix, sleeper = child.stdout.readline().split()
-    assert prefix == f"bp{child.pid}"
+def _start_bench(prefix: str):
+    child = subprocess.Popen([sys.executable, "-c", _BENCH, prefix], stdout=subprocess.PIPE, text=True)
+    made, sleeper = child.stdout.readline().split()
+    assert made == prefix.format(pid=child.pid)
     assert len(_ours(_netns(), child.pid)) == 2
     return child, int(sleeper)
 
 
 def test_sigkilled_bench_is_cleaned_by_cleanup_stale():
-    with netlink.ShapedLink(1.0, ["live"]) as mine:  # a live link must survive the sweep
-        child, sleeper = _start_bench()
+    # the prefix keeps a concurrent bench's default sweep (bp*) off this test's leftovers
+    with netlink.ShapedLink(1.0, ["live"], prefix=f"nlt{os.getpid()}") as mine:  # live: must survive
+        child, sleeper = _start_bench("nlt{pid}")
         child.kill()
         child.wait()
         assert len(_ours(_netns(), child.pid)) == 2  # kill -9: nothing could clean up
         assert not netlink._pid_dead(sleeper)
-        removed = netlink.cleanup_stale()
+        removed = netlink.cleanup_stale("nlt*")
         assert any(r.startswith("netns ") for r in removed), removed
         _assert_clean(child.pid)
         assert netlink._pid_dead(sleeper)
@@ -145,7 +146,7 @@ def test_sigkilled_bench_is_cleaned_by_cleanup_stale():
 
 
 def test_sigterm_cleans_up_and_exits_143():
-    child, sleeper = _start_bench()
+    child, sleeper = _start_bench("bp{pid}")
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM
     _assert_clean(child.pid)
