@@ -237,6 +237,7 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
             row[key] = med
             if key in ("samples_per_s", "iter_ms_p50"):
                 row[f"{key}_min"], row[f"{key}_max"] = lo, hi
+        row["digest"] = res.runs[0].get("digest") if res.runs else None
         rows.append(row)
     for row in rows:
         peers = [r for r in rows if r["trainers"] == row["trainers"] and r["data"] == row["data"]]
@@ -244,6 +245,10 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
             base = next((r for r in peers if r["mode"] == ref), None)
             if base and base.get("samples_per_s"):
                 row[f"speedup_over_{ref}"] = row["samples_per_s"] / base["samples_per_s"]
+        none = next((r for r in peers if r["mode"] == "none"), None)
+        if row["mode"] == "bagpipe" and none is not None:
+            # same training, bit for bit: the benchmark checks the contract as it measures
+            row["digest_matches_none"] = row["digest"] == none["digest"]
     return rows
 
 
@@ -378,5 +383,8 @@ def main_from_args(args) -> int:
     rows = summarize(results)
     write_outputs(cfg, rows)
     print_table(rows)
+    mismatched = [r["variant"] for r in rows if r.get("digest_matches_none") is False]
+    if mismatched:
+        print(f"bench: WARNING: digests differ from `none` for {', '.join(mismatched)}", file=sys.stderr)
     print(f"bench: wrote {cfg.out}/bench.csv, bench.json, bench.png")
     return 0

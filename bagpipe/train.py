@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from bagpipe.config import ClusterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
 from bagpipe.datasets.format import DatasetError, read_meta
@@ -85,9 +86,12 @@ def run_from_args(args: argparse.Namespace) -> int:
             return _run_local(cfg)
         return _run_distributed(cfg, args.node_roles)
     except (ConfigError, DatasetError, ValueError) as err:
-        # every rank of a torchrun job fails the same way; one message per node
+        # every rank of a torchrun job fails the same way; one message per node. The
+        # other ranks linger a moment so torchrun doesn't stop local rank 0 before it prints.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        elif "RANK" in os.environ:
+            time.sleep(3)
         return 2
 
 
