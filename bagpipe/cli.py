@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from bagpipe.config import MODELS, MODES, OPTIMIZERS, ConfigError
+from bagpipe.config import MODELS, MODES, OPTIMIZERS
 
 
 def _ints(text: str) -> tuple[int, ...]:

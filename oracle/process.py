@@ -14,7 +14,6 @@ import time
 from collections import deque
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from bagpipe import faults, wire
@@ -154,7 +153,6 @@ class MetricsCollector:
         totals = {"rows_fetched": 0, "rows_written_back": 0, "bytes_moved": 0, "rows_read": 0,
                   "rows_from_cache": 0, "bytes_exchange": 0}
         train_time, wait_time, loss = 0.0, 0.0, float("nan")
-        from tqdm import tqdm
 
         for i in range(n):
             reports = [self._recv(r, wire.TRAINER_FIELDS, f"iteration {i} report") for r in roles.trainers]

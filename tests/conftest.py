@@ -62,7 +62,6 @@ def bad_id_data(tiny_data, tmp_path_factory) -> str:
     """The tiny dataset with one id of table C2 outside its cardinality (200)."""
     import shutil
 
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 

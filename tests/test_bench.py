@@ -1,7 +1,6 @@
 """`bagpipe bench` smoke tests: CI-sized unshaped, and shaped where the machine allows."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -23,20 +23,16 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from bagpipe import faults
 
 from bagpipe.embedding import sum_contributions
 from bagpipe.hashing import rows_digest
 from bagpipe.optim import initial_state, update_table_rows
-from bagpipe.oracle.plan import TrainerPlan
 from bagpipe.transport import PeerError, wait
 from bagpipe.trainers.common import PhaseTimer
-from bagpipe.trainers.runtime import PendingAnswers, TrainerRuntime
+from bagpipe.trainers.runtime import NO_KEYS, PendingAnswers, TrainerRuntime
 from bagpipe.trainers.step import slice_step
-
-NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 class OwnedCache:
@@ -119,18 +115,12 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             landed += answers.bytes
         return landed
 
-    boot = rt.next_plan(-1)
-    rt.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot.fetch_keys)
-    pending.append((rt.post_answers(-1, boot.fetch_keys, with_state=True), boot.fetch_slots))
-    bar = tqdm(total=rt.data.num_train_batches, desc="bagpipe", unit="it", disable=None if k == 0 else True)
-    plan: TrainerPlan | None = None
-    for batch in rt.data.train_batches():
+    boot, answers = rt.bootstrap(with_state=True)
+    pending.append((answers, boot.fetch_slots))
+    bar = rt.progress("bagpipe")
+    for plan, part, sk in rt.iterations():
         start = time.perf_counter()
-        i = batch.index
-        faults.maybe_kill("trainer", rt.k, i)
-        plan = rt.next_plan(i)
-        part, sk = rt.my_slice(batch)
-        rt.check_reads(plan, sk.keys)
+        i = plan.iteration
         with timer.phase("wait"):
             bytes_server = land_through(plan.wait_through_stage)
         with timer.phase("exchange"):

@@ -9,33 +9,21 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
-from tqdm import tqdm
-
-from bagpipe import faults
 
 from bagpipe.trainers.common import PhaseTimer
-from bagpipe.trainers.runtime import TrainerRuntime
+from bagpipe.trainers.runtime import NO_KEYS, TrainerRuntime
 from bagpipe.trainers.step import slice_step
-
-NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 def run_nocache_trainer(rt: TrainerRuntime) -> None:
     cfg, opt = rt.cfg, rt.cfg.optimizer
     timer = PhaseTimer()
-    boot = rt.next_plan(-1)
-    rt.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot.fetch_keys)
-    pending = rt.post_answers(-1, boot.fetch_keys, with_state=False)
-    bar = tqdm(total=rt.data.num_train_batches, desc="none", unit="it", disable=None if rt.k == 0 else True)
-    for batch in rt.data.train_batches():
+    _, pending = rt.bootstrap(with_state=False)
+    bar = rt.progress("none")
+    for plan, part, sk in rt.iterations():
         start = time.perf_counter()
-        i = batch.index
-        faults.maybe_kill("trainer", rt.k, i)
-        plan = rt.next_plan(i)
-        part, sk = rt.my_slice(batch)
-        rt.check_reads(plan, sk.keys)
+        i = plan.iteration
         with timer.phase("wait"):
             working_set, _ = rt.wait_answers(pending)
         fetched_bytes = pending.bytes

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bagpipe import wire
+from tqdm import tqdm
+
+from bagpipe import faults, wire
 from bagpipe.config import RunConfig
 from bagpipe.embedding import slice_keys
 from bagpipe.metrics import peak_rss_kb
@@ -22,6 +24,9 @@ from bagpipe.transport import (
 from bagpipe.trainers.common import DenseState
 from bagpipe.trainers.data import RunData
 from bagpipe.trainers.step import SliceResult, forward_logits, ordered_sum
+
+
+NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 class PendingAnswers:
@@ -57,6 +62,26 @@ class TrainerRuntime:
     def my_slice(self, batch):
         part = batch.slice(self.k, self.T)
         return part, slice_keys(self.rows.keys_of(part.sparse))
+
+    def iterations(self):
+        """The training loop's skeleton: per global batch, this trainer's plan, its
+        slice and the slice's keys (checked against the plan)."""
+        for batch in self.data.train_batches():
+            i = batch.index
+            faults.maybe_kill("trainer", self.k, i)
+            plan = self.next_plan(i)
+            part, sk = self.my_slice(batch)
+            self.check_reads(plan, sk.keys)
+            yield plan, part, sk
+
+    def bootstrap(self, with_state: bool) -> tuple[TrainerPlan, PendingAnswers]:
+        """Stage -1: fetch what iteration 0 (or the first window) needs."""
+        boot = self.next_plan(-1)
+        self.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot.fetch_keys)
+        return boot, self.post_answers(-1, boot.fetch_keys, with_state=with_state)
+
+    def progress(self, mode: str):
+        return tqdm(total=self.data.num_train_batches, desc=mode, unit="it", disable=None if self.k == 0 else True)
 
     def check_reads(self, plan: TrainerPlan, keys: np.ndarray) -> None:
         if not np.array_equal(plan.reads, keys):
@@ -143,7 +168,7 @@ class TrainerRuntime:
         with torch.no_grad():
             for batch in self.data.eval_batches():
                 part, sk = self.my_slice(batch)
-                self.send_stage(stage, np.zeros(0, np.int64), None, np.zeros(0, np.int64), None, None, sk.keys)
+                self.send_stage(stage, NO_KEYS, None, NO_KEYS, None, None, sk.keys)
                 values, _ = self.wait_answers(self.post_answers(stage, sk.keys, with_state=False))
                 out = forward_logits(self.dense.model, torch.from_numpy(part.dense), values, sk.inverse)
                 logits.append(out.numpy().astype(np.float64))

@@ -23,7 +23,7 @@ class WideDeep(nn.Module):
         self.dim = cfg.embedding_dim
         deep_in = cfg.num_dense + cfg.num_tables * cfg.embedding_dim
         if deep_in == 0:
-            raise ConfigError("wide_deep: no dense features and no tables")
+            raise ConfigError(f"{cfg.name}: no dense features and no tables")
         # No dense features -> no dense linear term; the deep output bias then
         # serves as the global bias.
         self.wide_dense = make_linear(cfg.num_dense, 1, gen) if cfg.num_dense > 0 else None
