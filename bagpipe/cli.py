@@ -45,7 +45,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-iters", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle-seed", type=int, default=None, help="seeded shuffle of row-group order")
-    p.add_argument("--lookahead", type=int, default=8)
+    p.add_argument("--lookahead", type=int, default=32)
     p.add_argument("--prefetch-distance", type=int, default=None)
     p.add_argument("--cache-rows", type=int, default=None, help="owned rows per trainer (bagpipe mode)")
     p.add_argument("--device", default="cpu")

@@ -102,7 +102,7 @@ class ClusterConfig:
     mode: str = "local"
     trainers: int = 1
     servers: int = 1
-    lookahead: int = 8
+    lookahead: int = 32
     prefetch_distance: int | None = None
     cache_rows: int | None = None
     device: str = "cpu"

@@ -7,6 +7,8 @@ can be summed over whatever subset of rows a process holds.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _U64 = np.uint64
@@ -38,6 +40,19 @@ def uniform01(h: np.ndarray) -> np.ndarray:
     return (h >> _U64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
+@functools.lru_cache(maxsize=32)
+def _multipliers(n: int, salt: int) -> np.ndarray:
+    """Fixed odd (so invertible mod 2^64) pseudo-random multipliers, one per position."""
+    return splitmix64(np.arange(n, dtype=_U64) + _U64(salt)) | _U64(1)
+
+
+def _weighted_sum(words: np.ndarray, salt: int) -> np.ndarray:
+    """Row-wise sum of words times per-column odd multipliers (mod 2^64): any change
+    of one word changes the sum, and it is one vectorised multiply-add."""
+    with np.errstate(over="ignore"):
+        return (words * _multipliers(words.shape[-1], salt)).sum(axis=-1, dtype=_U64)
+
+
 def rows_digest(keys: np.ndarray, values: np.ndarray, state: np.ndarray | None = None) -> int:
     """Sum mod 2^64 of a hash of (row key, value bits, state bits) over rows.
 
@@ -47,13 +62,10 @@ def rows_digest(keys: np.ndarray, values: np.ndarray, state: np.ndarray | None =
     keys = np.asarray(keys, dtype=np.int64)
     if keys.size == 0:
         return 0
-    h = splitmix64(keys.astype(_U64) ^ _U64(0x5BD1E995))
-    for block in (values, state):
-        if block is None or block.size == 0:
-            continue
-        bits = np.ascontiguousarray(block, dtype=np.float32).view(np.uint32).reshape(len(keys), -1)
-        for j in range(bits.shape[1]):  # loop over columns, vectorised over rows
-            h = splitmix64(h ^ (bits[:, j].astype(_U64) << _U64(17)) ^ _U64(j))
+    blocks = [np.ascontiguousarray(b, dtype=np.float32).view(np.uint32).reshape(len(keys), -1)
+              for b in (values, state) if b is not None and b.size]
+    bits = np.concatenate(blocks, axis=1).astype(_U64) if blocks else np.zeros((len(keys), 0), _U64)
+    h = splitmix64(splitmix64(keys.astype(_U64) ^ _U64(0x5BD1E995)) ^ _weighted_sum(bits, 0x51))
     with np.errstate(over="ignore"):
         return int(h.sum(dtype=_U64))
 
@@ -64,12 +76,9 @@ def bytes_digest(*arrays: np.ndarray) -> int:
     for arr in arrays:
         raw = np.ascontiguousarray(arr).view(np.uint8).ravel()
         pad = (-raw.size) % 8
-        words = np.concatenate([raw, np.zeros(pad, np.uint8)]).view(_U64)
-        # fold in chunks so long buffers stay vectorised yet order-sensitive
-        idx = np.arange(words.size, dtype=_U64)
+        words = np.concatenate([raw, np.zeros(pad, np.uint8)]).view(_U64) if pad else raw.view(_U64)
         h = splitmix64(h ^ _U64(raw.size))
-        with np.errstate(over="ignore"):
-            h = splitmix64(h ^ splitmix64(words ^ splitmix64(idx)).sum(dtype=_U64))
+        h = splitmix64(h ^ _weighted_sum(words, 0xD16E))
     return int(h)
 
 
