@@ -180,9 +180,12 @@ def figures(run_dir: str, warmup: int, batch_size: int) -> dict[str, Any]:
         out["rss_mb_oracle"] = rss.get("oracle", 0) / 1024
     else:
         out["rss_mb_trainer"] = _local_rss_mb(summary)
-    if summary.get("plan_batches_per_s"):
-        out["plan_batches_per_s"] = summary["plan_batches_per_s"]
-        out["plan_over_train_rate"] = summary["plan_batches_per_s"] / (out["samples_per_s"] / batch_size)
+    train_batches_per_s = out["samples_per_s"] / batch_size
+    for key, ratio in (("plan_batches_per_s", "plan_over_train_rate"),
+                       ("plan_batches_per_cpu_s", "plan_cpu_over_train_rate")):
+        if summary.get(key):
+            out[key] = summary[key]
+            out[ratio] = summary[key] / train_batches_per_s
     out["digest"] = summary.get("digest")
     return out
 

@@ -48,5 +48,10 @@ class RowSpace:
         u = uniform01(splitmix64(row_hash[:, None] ^ (cols[None, :] * np.uint64(0x632BE59BD9B4E019))))
         return ((np.float32(2.0) * u - np.float32(1.0)) * bound[:, None]).astype(np.float32)
 
-    def init_tensor(self, keys: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.init_rows(keys))
+    def init_tensor(self, keys: np.ndarray, chunk: int = 1 << 18) -> torch.Tensor:
+        """init_rows into one tensor, a chunk at a time: the hash temporaries are 16x
+        the rows' size, so whole-table initialisation would multiply peak memory."""
+        out = torch.empty((len(keys), self.row_dim), dtype=torch.float32)
+        for lo in range(0, len(keys), chunk):
+            out[lo : lo + chunk] = torch.from_numpy(self.init_rows(keys[lo : lo + chunk]))
+        return out

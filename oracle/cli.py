@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--trainers", type=_int_list, default=(1,),
                    help="trainer count T, or a list (e.g. 1,2,4,8) for a scaling study")
     p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--lookahead", type=int, default=8, help="reuse horizon L")
+    p.add_argument("--lookahead", type=int, default=32, help="reuse horizon L (as `bagpipe train`)")
     p.add_argument("--cache-rows", default="none",
                    help="owned rows per trainer: N, P%% of all rows split over the trainers, or 'none' (unlimited)")
     p.add_argument("--prefetch-distance", type=int, default=None, help="D (default min(2, L))")

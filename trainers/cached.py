@@ -68,6 +68,14 @@ class OwnedCache:
                             f"the plan reads a row that is not cached")
         return torch.from_numpy(slots)
 
+    def occupied(self, slots: np.ndarray, what: str) -> torch.Tensor:
+        """Slots the plan says hold rows (keys unknown to this trainer): they must."""
+        held = np.where(slots < len(self.slot_keys), self.slot_keys[np.minimum(slots, len(self.slot_keys) - 1)], -1)
+        if np.any(held < 0):
+            slot = int(slots[np.flatnonzero(held < 0)[0]])
+            raise PeerError(f"{self.who}: {what}: slot {slot} holds no row: the plan uses a row that is not resident")
+        return torch.from_numpy(slots)
+
     def land(self, keys: np.ndarray, slots: np.ndarray, values: torch.Tensor, state: torch.Tensor | None) -> None:
         self.ensure(slots)
         if np.any(self.slot_keys[slots] >= 0):
@@ -125,8 +133,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             bytes_server = land_through(plan.wait_through_stage)
         with timer.phase("exchange"):
             # values of rows other trainers read now (their last update is applied)
-            send = [cache.values.index_select(0, cache.check(plan.send_slots[j], _keys_at(cache, plan.send_slots[j]),
-                                                             "value exchange"))
+            send = [cache.values.index_select(0, cache.occupied(plan.send_slots[j], "value exchange"))
                     for j in range(T)]
             received = _all_to_all(rt, send, [len(p) for p in plan.recv_pos], "value exchange")
             bytes_exchange = sum(s.numel() * 4 for s in send)
@@ -182,13 +189,3 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
         raise PeerError(f"{rt.desc}: {cache.occupancy} rows still cached after the final write-back stage")
     rt.evaluate_over_servers(first_stage=rt.data.num_train_batches)
     rt.finish()
-
-
-def _keys_at(cache: OwnedCache, slots: np.ndarray) -> np.ndarray:
-    """Keys the cache holds in `slots` (out-of-range slots read as missing)."""
-    held = np.where(slots < len(cache.slot_keys), cache.slot_keys[np.minimum(slots, len(cache.slot_keys) - 1)], -1)
-    if np.any(held < 0):
-        slot = int(slots[np.flatnonzero(held < 0)[0]])
-        raise PeerError(f"{cache.who}: value exchange: slot {slot} holds no row: the plan sends a row that is "
-                        f"not resident")
-    return held
