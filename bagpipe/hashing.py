@@ -15,6 +15,7 @@ _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _M1 = _U64(0xBF58476D1CE4E5B9)
 _M2 = _U64(0x94D049BB133111EB)
+_CHUNK = 1 << 18
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -62,12 +63,26 @@ def rows_digest(keys: np.ndarray, values: np.ndarray, state: np.ndarray | None =
     keys = np.asarray(keys, dtype=np.int64)
     if keys.size == 0:
         return 0
+    if keys.size > _CHUNK:  # bound the uint64 temporaries (16x the rows' bytes)
+        total = 0
+        for lo in range(0, keys.size, _CHUNK):
+            part = slice(lo, lo + _CHUNK)
+            total += rows_digest(keys[part], values[part], None if state is None else state[part])
+        return total % (1 << 64)
     blocks = [np.ascontiguousarray(b, dtype=np.float32).view(np.uint32).reshape(len(keys), -1)
               for b in (values, state) if b is not None and b.size]
     bits = np.concatenate(blocks, axis=1).astype(_U64) if blocks else np.zeros((len(keys), 0), _U64)
     h = splitmix64(splitmix64(keys.astype(_U64) ^ _U64(0x5BD1E995)) ^ _weighted_sum(bits, 0x51))
     with np.errstate(over="ignore"):
         return int(h.sum(dtype=_U64))
+
+
+def stored_rows_digest(keys: np.ndarray, values, state, index=None) -> int:
+    """rows_digest of rows held in [n, d] value and [n, s] state tensors (s may be 0),
+    at positions `index` (a LongTensor) or, without it, all of them (no copy)."""
+    if index is not None:
+        values, state = values.index_select(0, index), state.index_select(0, index)
+    return rows_digest(keys, values.numpy(), state.numpy() if state.shape[1] else None)
 
 
 def bytes_digest(*arrays: np.ndarray) -> int:

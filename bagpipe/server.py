@@ -21,9 +21,9 @@ import torch.distributed as dist
 
 from bagpipe.config import RunConfig
 from bagpipe.embedding import sum_contributions, union_of
-from bagpipe.hashing import rows_digest
+from bagpipe.hashing import stored_rows_digest
 from bagpipe.oracle.plan import ServerPlan
-from bagpipe.optim import apply_rows, initial_state, state_dim
+from bagpipe.optim import initial_state, state_dim, update_table_rows
 from bagpipe.rows import RowSpace
 from bagpipe.metrics import peak_rss_kb
 from bagpipe.transport import Groups, PeerError, Roles, pack_frame, recv_array, unpack_frame, wait
@@ -68,12 +68,8 @@ class Shard:
             raise PeerError(f"{who}: keys not held by server {self.index}")
         return torch.from_numpy(keys // self.servers)
 
-    def digest(self, keys: np.ndarray | None = None) -> int:
-        if keys is None:
-            keys = self.keys
-        idx = self.local(keys, "digest")
-        state = self.state.index_select(0, idx).numpy() if self.state.shape[1] else None
-        return rows_digest(keys, self.values.index_select(0, idx).numpy(), state)
+    def digest(self) -> int:
+        return stored_rows_digest(self.keys, self.values, self.state)
 
 
 def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None:
@@ -130,13 +126,8 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
             union = union_of([k for k, _ in grad_parts])
             grads = sum_contributions(union, grad_parts, d)
             idx = shard.local(union, desc)
-            values = shard.values.index_select(0, idx)
-            state = shard.state.index_select(0, idx)
-            apply_rows(opt.sparse, values, state, grads, opt.sparse_lr_at(s), opt.eps)
-            shard.values.index_copy_(0, idx, values)
-            if sdim:
-                shard.state.index_copy_(0, idx, state)
-            updated_digest = rows_digest(union, values.numpy(), state.numpy() if sdim else None)
+            update_table_rows(opt.sparse, shard.values, shard.state, idx, grads, opt.sparse_lr_at(s), opt.eps)
+            updated_digest = stored_rows_digest(union, shard.values, shard.state, idx)
             n_updated = len(union)
         # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
         n_written = 0

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from bagpipe import faults
 
 from bagpipe.embedding import sum_contributions
-from bagpipe.hashing import rows_digest
+from bagpipe.hashing import stored_rows_digest
 from bagpipe.optim import initial_state, update_table_rows
 from bagpipe.transport import PeerError, wait
 from bagpipe.trainers.common import PhaseTimer
@@ -163,8 +163,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             grads = sum_contributions(plan.update_keys, parts, rt.d)
             slots = cache.check(plan.update_slots, plan.update_keys, "update")
             update_table_rows(opt.sparse, cache.values, cache.state, slots, grads, opt.sparse_lr_at(i), opt.eps)
-            digest = rows_digest(plan.update_keys, cache.values.index_select(0, slots).numpy(),
-                                 cache.state.index_select(0, slots).numpy() if rt.sdim else None)
+            digest = stored_rows_digest(plan.update_keys, cache.values, cache.state, slots)
             rt.dense.step(dense_grad, opt.dense_lr_at(i))
             wb_values, wb_state = cache.evict(plan.writeback_keys, plan.writeback_slots)
             bytes_server += rt.send_stage(i, NO_KEYS, None, plan.writeback_keys, wb_values, wb_state,

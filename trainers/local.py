@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from bagpipe.config import RunConfig
 from bagpipe.embedding import slice_keys, sum_contributions, union_of
-from bagpipe.hashing import rows_digest
+from bagpipe.hashing import stored_rows_digest
 from bagpipe.metrics import peak_rss_kb
 from bagpipe.optim import initial_state, state_dim, update_table_rows
 from bagpipe.rows import RowSpace
@@ -37,10 +37,8 @@ class FullTables:
 
     def digest(self, keys: np.ndarray | None = None) -> int:
         if keys is None:
-            keys = np.arange(self.rows.total_rows, dtype=np.int64)
-        idx = torch.from_numpy(keys)
-        state = self.state.index_select(0, idx).numpy() if self.state.shape[1] else None
-        return rows_digest(keys, self.values.index_select(0, idx).numpy(), state)
+            return stored_rows_digest(np.arange(self.rows.total_rows, dtype=np.int64), self.values, self.state)
+        return stored_rows_digest(keys, self.values, self.state, torch.from_numpy(keys))
 
 
 def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
