@@ -74,7 +74,7 @@ class BenchConfig:
     warmup: int = 10
     repeats: int = 3
     modes: tuple[str, ...] = ("local", "none", "bagpipe")
-    lookaheads: tuple[int, ...] = (8,)
+    lookaheads: tuple[int, ...] = (32,)
     cache_rows: tuple[int | None, ...] = (None,)
     sweep: tuple[str, tuple[str, ...]] | None = None
     link_gbps: float | None = None
@@ -337,7 +337,7 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=10, help="iterations dropped from every run's figures")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="local,none,bagpipe")
-    p.add_argument("--lookahead", default="8", help="comma list of bagpipe lookaheads")
+    p.add_argument("--lookahead", default="32", help="comma list of bagpipe lookaheads")
     p.add_argument("--cache-rows", default="unlimited", help="comma list of per-trainer capacities or 'unlimited'")
     p.add_argument("--sweep", default=None, help=f"KEY=V1,V2,... with KEY in {', '.join(SWEEP_KEYS)}")
     p.add_argument("--link-gbps", type=float, default=None,
