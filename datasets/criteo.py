@@ -243,18 +243,24 @@ def ordered_map(fn: Callable, items: Iterator, threads: int = 2, ahead: int | No
     from concurrent.futures import ThreadPoolExecutor
 
     ahead = ahead or 2 * threads
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bagpipe-parse") as pool:
-        queue: deque = deque()
-        try:
-            for item in items:
-                queue.append(pool.submit(fn, item))
-                if len(queue) > ahead:
-                    yield queue.popleft().result()
-            while queue:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bagpipe-parse")
+    queue: deque = deque()
+    finished = False
+    try:
+        for item in items:
+            queue.append(pool.submit(fn, item))
+            if len(queue) > ahead:
                 yield queue.popleft().result()
-        finally:
-            for fut in queue:
-                fut.cancel()
+        while queue:
+            yield queue.popleft().result()
+        finished = True
+    finally:
+        for fut in queue:
+            fut.cancel()
+        # Join the workers only on normal exhaustion. An abandoned generator (its consumer
+        # raised) is closed by the garbage collector, which may run inside another thread's
+        # start-up; joining threads there deadlocks (seen in the test suite).
+        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- field parsers
