@@ -147,10 +147,11 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
                                 working_set, sk.inverse, cfg.data.batch_size)
         with timer.phase("exchange"):
-            dense_grad, loss = rt.reduce_dense(result)
+            dense = rt.start_dense_reduction(result)
             contrib_out = [result.row_grads[torch.from_numpy(plan.recv_pos[o])] for o in range(T)]
             contrib_in = _all_to_all(rt, contrib_out, [len(s) for s in plan.send_slots], "gradient exchange")
             bytes_exchange += sum(c.numel() * 4 for c in contrib_out)
+            dense_grad, loss = rt.finish_dense_reduction(dense)
         with timer.phase("update"):
             parts = []
             for r in range(T):  # rank order: 0 + c_0 + c_1 + ...
@@ -171,7 +172,8 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             pending.append((rt.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
         record = {
             "iter": i, "loss": loss.item(), "rows_digest": digest, "rows_read": len(sk.keys),
-            "rows_fetched": len(plan.fetch_keys) + (len(boot.fetch_keys) if i == 0 else 0), "rows_written_back": len(plan.writeback_keys),
+            "rows_fetched": len(plan.fetch_keys) + (len(boot.fetch_keys) if i == 0 else 0),
+            "rows_written_back": len(plan.writeback_keys),
             "rows_from_cache": len(sk.keys), "bytes_server": bytes_server, "bytes_exchange": bytes_exchange,
             "cache_occupancy": cache.occupancy,
         }

@@ -31,11 +31,14 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
                                 working_set, sk.inverse, cfg.data.batch_size)
         with timer.phase("exchange"):
-            dense_grad, loss = rt.reduce_dense(result)
-        with timer.phase("update"):
-            rt.dense.step(dense_grad, opt.dense_lr_at(i))
+            # gradients go to the servers first, so they apply them while the dense
+            # gradients are reduced
+            dense = rt.start_dense_reduction(result)
             sent = rt.send_stage(i, sk.keys, result.row_grads, NO_KEYS, None, None, plan.fetch_keys)
             pending = rt.post_answers(i, plan.fetch_keys, with_state=False)
+            dense_grad, loss = rt.finish_dense_reduction(dense)
+        with timer.phase("update"):
+            rt.dense.step(dense_grad, opt.dense_lr_at(i))
         record = {
             "iter": i, "loss": loss.item(), "rows_read": len(sk.keys), "rows_fetched": len(sk.keys),
             "bytes_server": fetched_bytes + sent,

@@ -143,13 +143,18 @@ class TrainerRuntime:
         return values, state
 
     # --- dense reduction -------------------------------------------------------------
-    def reduce_dense(self, result: SliceResult) -> tuple[torch.Tensor, torch.Tensor]:
-        """all_gather every trainer's [dense grad, loss] and sum them 0 + g_0 + g_1 + ...
-        in rank order: the same bits as `local`'s sequential sum, for any T."""
+    def start_dense_reduction(self, result: SliceResult):
+        """all_gather every trainer's [dense grad, loss] (async, on the dense group, so
+        row traffic can go out meanwhile); `finish_dense_reduction` sums it."""
         mine = torch.cat([result.dense_grad, result.loss.reshape(1)])
         gathered = [torch.empty_like(mine) for _ in range(self.T)]
-        wait(dist.all_gather(gathered, mine, group=self.groups.dense, async_op=True),
-             f"{self.desc}: dense gradient all_gather")
+        return dist.all_gather(gathered, mine, group=self.groups.dense, async_op=True), gathered, mine
+
+    def finish_dense_reduction(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        """0 + g_0 + g_1 + ... in rank order: the same bits as `local`'s sequential sum,
+        for any T. Returns (dense gradient, loss)."""
+        work, gathered, _ = handle
+        wait(work, f"{self.desc}: dense gradient all_gather")
         total = ordered_sum(gathered)
         return total[:-1], total[-1]
 
