@@ -115,7 +115,9 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
     # the planning thread (what the planner itself sustains)
     collector.planning = {"plan_seconds": plan_time, "plan_cpu_seconds": plan_cpu, "planned_iterations": planned - 1,
                           "plan_batches_per_s": (planned - 1) / plan_time if plan_time else 0.0,
-                          "plan_batches_per_cpu_s": (planned - 1) / plan_cpu if plan_cpu else 0.0}
+                          "plan_batches_per_cpu_s": (planned - 1) / plan_cpu if plan_cpu else 0.0,
+                          "plan_ids_per_s": (planned - 1) * cfg.data.batch_size * cfg.model.num_tables / plan_time
+                          if plan_time else 0.0}
     for plans in eval_server_plans(cfg, data, rows, data.num_train_batches):
         for j, plan in enumerate(plans):
             sender.send(roles.servers[j], plan.encode())
