@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from bagpipe.config import MODELS, MODES, OPTIMIZERS
@@ -16,13 +15,11 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-DEFAULT_DATA = os.path.join("data", "synthetic-default")
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=MODES, default="local")
     p.add_argument("--data", default=None,
-                   help=f"dataset directory (default: generate the embedded synthetic workload in {DEFAULT_DATA})")
+                   help="dataset directory (default: the embedded synthetic workload, generated once in "
+                        "data/synthetic-default)")
     p.add_argument("--eval-data", default=None, help="eval file or directory (default: the dataset's last part)")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--model", choices=MODELS, default="dlrm")

@@ -30,6 +30,10 @@ def torchrun_command(trainers: int, servers: int, train_args: list[str]) -> list
 
 def launch(trainers: int, servers: int, train_args: list[str]) -> int:
     cmd = torchrun_command(trainers, servers, train_args)
+    if not any(a == "--data" or a.startswith("--data=") for a in train_args):
+        from bagpipe.train import ensure_default_data
+
+        ensure_default_data()  # once, here, rather than racing in every rank
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(cmd, env=env)

@@ -16,18 +16,32 @@ from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
 
-def ensure_default_data(path: str) -> str:
-    """The embedded default workload: synthetic Criteo-like data, generated once."""
-    if not os.path.isdir(path):
-        from bagpipe.datasets.synthetic import generate_synthetic
+DEFAULT_DATA = os.path.join("data", "synthetic-default")
 
-        print(f"generating the default synthetic dataset in {path} ...", file=sys.stderr)
-        generate_synthetic(out=path, rows=200_000, seed=0, table_scale=0.01)
+
+def ensure_default_data(path: str = DEFAULT_DATA, wait_s: float = 600.0) -> str:
+    """The embedded default workload: synthetic Criteo-like data, generated once.
+
+    In a torchrun world only local rank 0 generates; the others wait for the
+    directory, which appears complete (the generator renames a finished temp dir)."""
+    if os.path.isdir(path):
+        return path
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        deadline = time.monotonic() + wait_s
+        while not os.path.isdir(path):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{path}: the default dataset did not appear within {wait_s:.0f} s")
+            time.sleep(0.2)
+        return path
+    from bagpipe.datasets.synthetic import generate_synthetic
+
+    print(f"generating the default synthetic dataset in {path} ...", file=sys.stderr)
+    generate_synthetic(out=path, rows=200_000, seed=0, table_scale=0.01)
     return path
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
-    data_path = args.data or ensure_default_data(os.path.join("data", "synthetic-default"))
+    data_path = args.data or ensure_default_data()
     train_parts, _ = split_parts(data_path, args.eval_data)
     meta = read_meta(train_parts[0])
     bottom = args.bottom_mlp if args.bottom_mlp is not None else (64, args.embedding_dim)

@@ -83,3 +83,17 @@ def test_out_of_range_ids_fail_before_training(bad_id_data, tmp_path, capsys):
     assert main(["train", *train_args(bad_id_data, str(tmp_path / "x"))]) == 2
     assert "column C2 (table 1)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_default_data_is_generated_by_one_rank_and_awaited_by_the_others(tmp_path, monkeypatch):
+    import threading
+
+    from bagpipe.config import ConfigError
+    from bagpipe.train import ensure_default_data
+
+    target = tmp_path / "default"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="did not appear"):
+        ensure_default_data(str(target), wait_s=0.3)
+    threading.Timer(0.3, lambda: target.mkdir()).start()
+    assert ensure_default_data(str(target), wait_s=10) == str(target)
