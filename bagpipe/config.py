@@ -28,7 +28,7 @@ class ModelConfig:
     num_dense: int = 13
     cardinalities: tuple[int, ...] = ()
     embedding_dim: int = 16
-    bottom_mlp: tuple[int, ...] = (64, 32)
+    bottom_mlp: tuple[int, ...] = (64, 16)  # ends in embedding_dim (dlrm)
     top_mlp: tuple[int, ...] = (64, 32)
     cross_layers: int = 2  # dcn only
     deep_mlp: tuple[int, ...] = (64, 32)  # wide_deep, deepfm
@@ -140,6 +140,11 @@ class RunConfig:
             raise ConfigError(f"--batch-size {batch} is not divisible by --trainers {trainers}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.eval_every and self.cluster.mode != "local":
+            raise ConfigError(
+                f"--eval-every works in local mode only for now; --mode {self.cluster.mode} evaluates once, "
+                f"after training (drop --eval-every)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -77,11 +77,8 @@ def rows_digest(keys: np.ndarray, values: np.ndarray, state: np.ndarray | None =
         return int(h.sum(dtype=_U64))
 
 
-def stored_rows_digest(keys: np.ndarray, values, state, index=None) -> int:
-    """rows_digest of rows held in [n, d] value and [n, s] state tensors (s may be 0),
-    at positions `index` (a LongTensor) or, without it, all of them (no copy)."""
-    if index is not None:
-        values, state = values.index_select(0, index), state.index_select(0, index)
+def stored_rows_digest(keys: np.ndarray, values, state) -> int:
+    """rows_digest of rows held in [n, d] value and [n, s] state tensors (s may be 0)."""
     return rows_digest(keys, values.numpy(), state.numpy() if state.shape[1] else None)
 
 

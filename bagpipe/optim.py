@@ -55,14 +55,16 @@ def update_table_rows(
     grads: torch.Tensor,
     lr: float,
     eps: float,
-) -> None:
-    """Gather rows at `slots`, apply the optimizer, scatter back (slots unique)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather rows at `slots`, apply the optimizer, scatter back (slots unique).
+    Returns the updated rows and state (contiguous copies), e.g. for digests."""
     values = table.index_select(0, slots)
     state = table_state.index_select(0, slots)
     apply_rows(kind, values, state, grads, lr, eps)
     table.index_copy_(0, slots, values)
     if state.shape[1]:
         table_state.index_copy_(0, slots, state)
+    return values, state
 
 
 def build_dense_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -126,8 +126,9 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
             union = union_of([k for k, _ in grad_parts])
             grads = sum_contributions(union, grad_parts, d)
             idx = shard.local(union, desc)
-            update_table_rows(opt.sparse, shard.values, shard.state, idx, grads, opt.sparse_lr_at(s), opt.eps)
-            updated_digest = stored_rows_digest(union, shard.values, shard.state, idx)
+            updated = update_table_rows(opt.sparse, shard.values, shard.state, idx, grads, opt.sparse_lr_at(s),
+                                        opt.eps)
+            updated_digest = stored_rows_digest(union, *updated)
             n_updated = len(union)
         # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
         n_written = 0

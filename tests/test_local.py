@@ -97,3 +97,11 @@ def test_default_data_is_generated_by_one_rank_and_awaited_by_the_others(tmp_pat
         ensure_default_data(str(target), wait_s=0.3)
     threading.Timer(0.3, lambda: target.mkdir()).start()
     assert ensure_default_data(str(target), wait_s=10) == str(target)
+
+
+def test_eval_every_is_refused_outside_local_mode():
+    from bagpipe.config import ClusterConfig, ConfigError, ModelConfig, RunConfig
+
+    with pytest.raises(ConfigError, match="--eval-every works in local mode only"):
+        RunConfig(model=ModelConfig(cardinalities=(10,)), cluster=ClusterConfig(mode="bagpipe", trainers=2),
+                  eval_every=5)

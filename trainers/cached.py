@@ -163,8 +163,9 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
                 parts = parts[::-1]
             grads = sum_contributions(plan.update_keys, parts, rt.d)
             slots = cache.check(plan.update_slots, plan.update_keys, "update")
-            update_table_rows(opt.sparse, cache.values, cache.state, slots, grads, opt.sparse_lr_at(i), opt.eps)
-            digest = stored_rows_digest(plan.update_keys, cache.values, cache.state, slots)
+            updated = update_table_rows(opt.sparse, cache.values, cache.state, slots, grads, opt.sparse_lr_at(i),
+                                        opt.eps)
+            digest = stored_rows_digest(plan.update_keys, *updated)
             rt.dense.step(dense_grad, opt.dense_lr_at(i))
             wb_values, wb_state = cache.evict(plan.writeback_keys, plan.writeback_slots)
             bytes_server += rt.send_stage(i, NO_KEYS, None, plan.writeback_keys, wb_values, wb_state,

@@ -35,10 +35,8 @@ class FullTables:
     def read(self, keys: np.ndarray) -> torch.Tensor:
         return self.values.index_select(0, torch.from_numpy(keys))
 
-    def digest(self, keys: np.ndarray | None = None) -> int:
-        if keys is None:
-            return stored_rows_digest(np.arange(self.rows.total_rows, dtype=np.int64), self.values, self.state)
-        return stored_rows_digest(keys, self.values, self.state, torch.from_numpy(keys))
+    def digest(self) -> int:
+        return stored_rows_digest(np.arange(self.rows.total_rows, dtype=np.int64), self.values, self.state)
 
 
 def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
@@ -83,10 +81,11 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
             dense.step(ordered_sum([r.dense_grad for r in results]), opt.dense_lr_at(i))
             union = union_of(slice_key_sets)
             grads = sum_contributions(union, list(zip(slice_key_sets, [r.row_grads for r in results])), rows.row_dim)
-            update_table_rows(
+            updated = update_table_rows(
                 opt.sparse, tables.values, tables.state, torch.from_numpy(union), grads, opt.sparse_lr_at(i), opt.eps
             )
-            digest = iteration_digest(loss.item(), dense.digest(with_optimizer_state=False), tables.digest(union))
+            digest = iteration_digest(loss.item(), dense.digest(with_optimizer_state=False),
+                                      stored_rows_digest(union, *updated))
         elapsed = time.perf_counter() - start
         train_time += elapsed
         samples += batch_size
