@@ -179,7 +179,7 @@ def figures(run_dir: str, warmup: int, batch_size: int) -> dict[str, Any]:
         out["rss_mb_server"] = max(rss.get("servers") or [0]) / 1024
         out["rss_mb_oracle"] = rss.get("oracle", 0) / 1024
     else:
-        out["rss_mb_trainer"] = _local_rss_mb(summary)
+        out["rss_mb_trainer"] = float(summary.get("peak_rss_kb", 0)) / 1024  # local: one process
     train_batches_per_s = out["samples_per_s"] / batch_size
     for key, ratio in (("plan_batches_per_s", "plan_over_train_rate"),
                        ("plan_batches_per_cpu_s", "plan_cpu_over_train_rate")):
@@ -188,10 +188,6 @@ def figures(run_dir: str, warmup: int, batch_size: int) -> dict[str, Any]:
             out[ratio] = summary[key] / train_batches_per_s
     out["digest"] = summary.get("digest")
     return out
-
-
-def _local_rss_mb(summary: dict) -> float:
-    return float(summary.get("peak_rss_kb", 0)) / 1024
 
 
 @dataclass

@@ -162,7 +162,9 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
             from bagpipe.oracle.process import run_oracle
 
             run_oracle(cfg, roles, groups, data)
-            summary = _read_summary(cfg.run_dir)
+            from bagpipe.metrics import read_summary
+
+            summary = read_summary(cfg.run_dir)
             print(
                 f"{cfg.run_dir}: {summary['iters']} iterations, {summary['samples_per_s']:.0f} samples/s, "
                 f"final loss {summary['final_loss']:.4f}, eval AUC {summary['auc']:.4f}, "
@@ -188,12 +190,6 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
         transport.fail_fast(desc, err, roles)
     dist.destroy_process_group()
     return 0
-
-
-def _read_summary(run_dir: str) -> dict:
-    from bagpipe.metrics import read_summary
-
-    return read_summary(run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

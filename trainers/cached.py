@@ -58,19 +58,23 @@ class OwnedCache:
             self.state = torch.cat([self.state, torch.zeros((grow, self.state.shape[1]))])
             self.slot_keys = np.concatenate([self.slot_keys, np.full(grow, -1, dtype=np.int64)])
 
+    def held(self, slots: np.ndarray) -> np.ndarray:
+        """Key in each slot; -1 for an empty slot or one past the end of the cache."""
+        inside = slots < len(self.slot_keys)
+        return np.where(inside, self.slot_keys[np.where(inside, slots, 0)], -1)
+
     def check(self, slots: np.ndarray, keys: np.ndarray, what: str) -> torch.Tensor:
         """The plan says `keys` sit in `slots`; anything else is an internal error."""
-        if len(slots) and (slots.max() >= len(self.slot_keys) or not np.array_equal(self.slot_keys[slots], keys)):
-            bad = np.flatnonzero(self.slot_keys[np.minimum(slots, len(self.slot_keys) - 1)] != keys)[:1]
-            j = int(bad[0]) if len(bad) else 0
+        held = self.held(slots)
+        if not np.array_equal(held, keys):
+            j = int(np.flatnonzero(held != keys)[0])
             raise PeerError(f"{self.who}: {what}: row {int(keys[j])} is not resident in slot {int(slots[j])} "
-                            f"(slot holds {int(self.slot_keys[min(slots[j], len(self.slot_keys) - 1)])}): "
-                            f"the plan reads a row that is not cached")
+                            f"(slot holds {int(held[j])}): the plan reads a row that is not cached")
         return torch.from_numpy(slots)
 
     def occupied(self, slots: np.ndarray, what: str) -> torch.Tensor:
         """Slots the plan says hold rows (keys unknown to this trainer): they must."""
-        held = np.where(slots < len(self.slot_keys), self.slot_keys[np.minimum(slots, len(self.slot_keys) - 1)], -1)
+        held = self.held(slots)
         if np.any(held < 0):
             slot = int(slots[np.flatnonzero(held < 0)[0]])
             raise PeerError(f"{self.who}: {what}: slot {slot} holds no row: the plan uses a row that is not resident")
