@@ -1,4 +1,4 @@
-"""Avazu click-through CSV -> bagpipe Parquet.
+"""Avazu click-through CSV -> bagpipe Parquet, on the `text` engine.
 
 Input: Avazu's ``train.csv`` format, a header line then comma-separated rows::
 
@@ -18,7 +18,7 @@ Preprocessing:
   feature (it never repeats between the training days and a later eval day). An
   ``hour`` that is not 8 digits or not a valid date/hour makes a bad line.
 - the other 21 fields are categorical strings, hashed to 64-bit keys
-  (splitmix64 over their bytes and length), then either a contiguous vocabulary
+  (`text.hash_fields`: splitmix64 over their bytes and length), then either a contiguous vocabulary
   per field with a frequency threshold (ids ``1..V`` in key order; rare values and
   empty fields -> 0; cardinality ``V + 1``), counted over all input files in a
   first streaming pass, or ``key % max_ind_range`` (empty -> 0; cardinality
@@ -28,8 +28,8 @@ Preprocessing:
 Sparse columns are ``C1..C23`` (format.py's naming) in the order hour_of_day,
 day_of_week, then the 21 fields in `AVAZU_CATEGORICAL` order; the metadata's
 ``preprocessing["sparse_fields"]`` records the original names. Bad lines (wrong
-field count, bad click, bad hour) follow ``on_bad_line`` exactly like
-`criteo.prepare_criteo`; one part per input file; temporary names + rename.
+field count, bad click, bad hour) follow ``on_bad_line`` as in every converter
+built on `text.convert_text`; one part per input file; temporary names + rename.
 """
 
 from __future__ import annotations
@@ -40,21 +40,22 @@ from typing import Sequence
 
 import numpy as np
 
-from .criteo import (
-    DEFAULT_BLOCK_BYTES,
-    BadLines,
+from .format import DatasetError
+from .text import (
     LineBlock,
     PrepareResult,
     Rows,
-    _check_inputs,
-    _fast_dec,
-    _show,
+    TextFile,
+    TextFormat,
+    binary_label_problem,
+    binary_labels,
     convert_text,
-    load_words,
+    decode_dec8,
+    first_field_problem,
+    hash_fields,
+    line_fields,
+    show_field,
 )
-from .format import DatasetError
-from .synthetic import splitmix64
-from .writer import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE
 
 AVAZU_CATEGORICAL: tuple[str, ...] = (
     "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
@@ -64,8 +65,6 @@ AVAZU_CATEGORICAL: tuple[str, ...] = (
 SPARSE_FIELDS: tuple[str, ...] = ("hour_of_day", "day_of_week", *AVAZU_CATEGORICAL)
 NUM_SPARSE = len(SPARSE_FIELDS)
 
-_BYTE_MASK = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -98,31 +97,10 @@ def _read_header(path: str) -> _Header:
     return _Header(line, names, names.index("click"), names.index("hour"), [names.index(n) for n in AVAZU_CATEGORICAL])
 
 
-def hash_fields(block: LineBlock, fstart: np.ndarray, fend: np.ndarray) -> np.ndarray:
-    """64-bit keys of byte strings (splitmix64 chain over 8-byte words and the length)."""
-    width = fend - fstart
-    words = block.words
-    h = width.view(np.uint64) * _GOLDEN
-    first = load_words(words, fstart)
-    first &= _BYTE_MASK.take(np.minimum(width, 8))
-    h ^= first
-    h = splitmix64(h)
-    k = 1
-    longer = np.flatnonzero(width > 8)
-    while longer.size:
-        rest = width[longer] - 8 * k
-        w = load_words(words, fstart[longer] + 8 * k)
-        w &= _BYTE_MASK.take(np.minimum(rest, 8))
-        h[longer] = splitmix64(h[longer] ^ w)
-        longer = longer[rest > 8]
-        k += 1
-    return h
-
-
 def _parse_hour(block: LineBlock, fstart: np.ndarray, fend: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(hour_of_day, day_of_week, ok) from YYMMDDHH fields."""
     width = fend - fstart
-    v, ok = _fast_dec(block.words, fstart, np.clip(width, 1, 8))
+    v, ok = decode_dec8(block.words, fstart, np.clip(width, 1, 8))
     ok &= width == 8
     yy, rest = np.divmod(v, 1000000)
     mm, rest = np.divmod(rest, 10000)
@@ -137,15 +115,9 @@ def _parse_hour(block: LineBlock, fstart: np.ndarray, fend: np.ndarray) -> tuple
 
 
 def _parse_avazu_block(block: LineBlock, want_dense: bool = True, *, header: _Header) -> Rows:
-    a = block.a
-    nf = len(header.names)
-    good, bounds = block.split(44, nf)
-    G = bounds.shape[1]
-    fs = bounds[:nf] + 1
-    fe = bounds[1:]
-    c = header.click
-    click = a.take(fs[c])
-    ok = (fe[c] - fs[c] == 1) & ((click == 48) | (click == 49))
+    good, fs, fe = block.fields(44, len(header.names))
+    G = fs.shape[1]
+    labels, ok = binary_labels(block, fs[header.click], fe[header.click])
     hod, dow, hour_ok = _parse_hour(block, fs[header.hour], fe[header.hour])
     ok &= hour_ok
     cs = fs[header.cats].ravel()
@@ -156,8 +128,7 @@ def _parse_avazu_block(block: LineBlock, want_dense: bool = True, *, header: _He
     valid = good.copy()
     valid[good] = ok
     if not ok.all():
-        click, fixed, keys, present = click[ok], fixed[:, ok], keys[:, ok], present[:, ok]
-    labels = (click == 49).astype(np.float32)
+        labels, fixed, keys, present = labels[ok], fixed[:, ok], keys[:, ok], present[:, ok]
     return Rows(valid, labels, np.empty((0, len(labels)), np.float32), fixed, keys, present)
 
 
@@ -165,39 +136,18 @@ def _line_reason(header: _Header):
     nf = len(header.names)
 
     def reason(line: bytes) -> str:
-        if not line:
-            return "empty line"
-        fields = line.split(b",")
-        if len(fields) != nf:
-            return f"expected {nf} comma-separated fields, got {len(fields)}"
-        if fields[header.click] not in (b"0", b"1"):
-            return f"click {_show(fields[header.click])} is not 0 or 1"
-        hour = fields[header.hour]
-        return f"hour {_show(hour)} is not a valid YYMMDDHH time"
+        fields, problem = line_fields(line, b",", nf, "comma")
+        if problem:
+            return problem
+        return (first_field_problem([("click", fields[header.click], binary_label_problem)])
+                or f"hour {show_field(fields[header.hour])} is not a valid YYMMDDHH time")
 
     return reason
 
 
-def prepare_avazu(
-    inputs: Sequence[str],
-    out: str,
-    max_ind_range: int | None = None,
-    min_count: int = 1,
-    on_bad_line: str = "error",
-    *,
-    overwrite: bool = False,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    compression: str | None = DEFAULT_COMPRESSION,
-    progress: bool | None = None,
-    threads: int = 2,
-) -> PrepareResult:
-    """Convert Avazu CSV files (one output part each, in order) to a dataset at `out`."""
-    paths = _check_inputs(inputs)
-    BadLines(on_bad_line)  # validate the policy before any work
-    headers = [_read_header(p) for p in paths]
-    starts = [(len(h.raw), 2) for h in headers]
-    info = {
+def _describe(max_ind_range: int | None, min_count: int) -> dict:
+    """The preprocessing notes stored in the metadata (`TextFormat.describe`)."""
+    return {
         "sparse_fields": list(SPARSE_FIELDS),
         "label": "click",
         "hour": "YYMMDDHH -> hour_of_day (HH, 24 ids) and day_of_week (0=Monday, 7 ids); id dropped",
@@ -206,11 +156,22 @@ def prepare_avazu(
             f"vocabulary over all inputs, ids 1..V in hash64 order; count < {min_count} and empty -> 0"
         ),
     }
-    return convert_text(
-        paths, out, source="avazu",
-        parsers=[partial(_parse_avazu_block, header=h) for h in headers],
-        starts=starts, reasons=[_line_reason(h) for h in headers], num_dense=0, fixed_cards=[24, 7],
-        num_keyed=len(AVAZU_CATEGORICAL), max_ind_range=max_ind_range, min_count=min_count,
-        on_bad_line=on_bad_line, info=info, overwrite=overwrite, block_bytes=block_bytes,
-        row_group_size=row_group_size, compression=compression, progress=progress, threads=threads,
-    )
+
+
+def _open_avazu_file(path: str) -> TextFile:
+    """A file's column order comes from its own header line; data starts on line 2."""
+    header = _read_header(path)
+    return TextFile(partial(_parse_avazu_block, header=header), _line_reason(header), len(header.raw), 2)
+
+
+AVAZU_FORMAT = TextFormat(
+    source="avazu", num_dense=0, fixed_cards=(24, 7), num_keyed=len(AVAZU_CATEGORICAL),
+    open_file=_open_avazu_file, describe=_describe,
+)
+
+
+def prepare_avazu(inputs: Sequence[str], out: str, max_ind_range: int | None = None, min_count: int = 1,
+                  on_bad_line: str = "error", **options) -> PrepareResult:
+    """Convert Avazu CSV files (one output part each, in order) to a dataset at `out`;
+    `text.convert_text` documents the arguments and the keyword `options`."""
+    return convert_text(AVAZU_FORMAT, inputs, out, max_ind_range, min_count, on_bad_line, **options)

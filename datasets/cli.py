@@ -60,12 +60,14 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if getattr(args, "no_progress", False) else None
-
-
-def _compression(args: argparse.Namespace) -> str | None:
-    return None if args.compression == "none" else args.compression
+def _output_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the dataset writers from the `_add_output_options` flags
+    (``progress=None``: a bar when stderr is a terminal)."""
+    return dict(
+        overwrite=args.overwrite,
+        compression=None if args.compression == "none" else args.compression,
+        progress=False if getattr(args, "no_progress", False) else None,
+    )
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -92,9 +94,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         eval_rows=args.eval_rows,
         rows_per_part=args.rows_per_part,
         format=args.format,
-        overwrite=args.overwrite,
-        compression=_compression(args),
-        progress=_progress(args),
+        **_output_options(args),
     )
     print(result.summary())
     return 0
@@ -113,9 +113,7 @@ def _text_prepare(kind: str):
             max_ind_range=args.max_ind_range,
             min_count=args.min_count,
             on_bad_line=args.on_bad_line,
-            overwrite=args.overwrite,
-            compression=_compression(args),
-            progress=_progress(args),
+            **_output_options(args),
         )
         print(result.summary())
         return 0

@@ -1,4 +1,4 @@
-"""Dataset statistics, streamed over every part, and a rank-based ROC AUC.
+"""Dataset statistics, streamed over every part.
 
 `dataset_stats(path)` reports rows, click rate, dense means and, per table, the
 cardinality, distinct ids seen, the share of the missing id 0, and the share of
@@ -24,34 +24,6 @@ from .format import DatasetError, list_parts, read_meta
 
 HOT_FRACTION = 0.01
 _FLUSH_IDS = 1 << 22
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Exact ROC AUC (Mann-Whitney U with tied scores averaged), vectorised.
-
-    Returns nan when only one class is present."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel() > 0.5
-    n = scores.size
-    if labels.size != n:
-        raise ValueError(f"{n} scores but {labels.size} labels")
-    pos = int(labels.sum())
-    neg = n - pos
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="stable")
-    s = scores[order]
-    # 1-based average rank of every tie group
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(s[1:], s[:-1], out=new_group[1:])
-    starts = np.flatnonzero(new_group)
-    ends = np.append(starts[1:], n)
-    avg_rank = (starts + ends + 1) / 2.0
-    group_of = np.cumsum(new_group) - 1
-    ranks = avg_rank[group_of]
-    rank_sum = float(ranks[labels[order]].sum())
-    return (rank_sum - pos * (pos + 1) / 2.0) / (pos * neg)
 
 
 def hot_share(counts: np.ndarray, fraction: float = HOT_FRACTION) -> float:

@@ -11,7 +11,7 @@ What a generated dataset looks like
   has a Zipf rank ``k`` in ``1..n-1`` with ``P(k) ~ k^-zipf`` (bounded Zipf, sampled by
   inverse CDF on a float64 cumulative distribution built once per table: exactly
   ``np.searchsorted(cdf, u, "right")``, computed through a guide table for tables of
-  1024+ rows, see `_ZipfSampler`), and rank k is mapped to id ``perm_t[k-1]`` in
+  1024+ rows, see `zipf.ZipfSampler`), and rank k is mapped to id ``perm_t[k-1]`` in
   ``1..n-1`` by a fixed random permutation of the table (seeded). A table of
   cardinality 1 holds only the missing id. Memory: about 20 bytes per table row
   (CDF, permutation, guide), ~700 MB at full Criteo size.
@@ -22,15 +22,16 @@ What a generated dataset looks like
   bit-identical to what `criteo.prepare_criteo` makes of the raw value.
 - **Label.** ``logit = bias + sum_t effect_t(id_t) + sum_j w_j * dense_j +
   sum_{(a, b) in pairs} c * g_a(id_a) * g_b(id_b)`` where the per-id effects come
-  from a counter-based hash (splitmix64) of (seed, table, id) — pure functions of
-  the id, precomputed into arrays only for tables of up to 2^20 rows — and four
-  fixed table pairs interact. ``bias`` is calibrated by bisection on a
+  from a counter-based hash (`bagpipe.hashing.splitmix64`) of (seed, table, id) —
+  pure functions of the id, precomputed into arrays only for tables of up to 2^20
+  rows — and four fixed table pairs interact. ``bias`` is calibrated by bisection on a
   separate calibration sample (`CALIBRATION_ROWS` rows, independent of ``rows``) to
   a mean click probability of ``click_rate`` (0.256). Labels are
   ``Bernoulli(sigmoid(logit))``. The AUC of the true logits against the sampled
   labels ("true model AUC", an upper bound for any learned model) is computed
-  exactly (rank based) on the first ``min(total rows, TRUE_AUC_ROWS)`` generated rows
-  and stored in the metadata with the generator's options. Effect sizes (per-table
+  exactly (rank based, `bagpipe.metrics.auc`) on the first
+  ``min(total rows, TRUE_AUC_ROWS)`` generated rows and stored in the metadata
+  with the generator's options. Effect sizes (per-table
   scale U(0.08, 0.36), pair strength 0.3, dense weights) put it at about 0.79-0.84
   depending on the seed, near what the best published models reach on Criteo.
 
@@ -58,7 +59,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -67,9 +67,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .criteo import ordered_map, preprocess_dense
+from bagpipe.hashing import splitmix64
+from bagpipe.metrics import auc
+
+from .criteo import preprocess_dense
 from .format import DatasetError, DatasetMeta, default_feature_names
+from .text import ordered_map, progress_bar
 from .writer import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE, DatasetWriter, check_output_path
+from .zipf import ZipfSampler
 
 CRITEO_KAGGLE_TABLES: tuple[int, ...] = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
@@ -98,34 +103,11 @@ _SALT_HEX = 3
 
 
 # --------------------------------------------------------------------------- hashing
-def _mix_int(x: int) -> int:
-    """splitmix64 finaliser on a Python int (scalars: keys and salts)."""
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """Vectorised splitmix64 finaliser of a uint64 array (a bijection on uint64)."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64, copy=True)
-        t = np.empty_like(z)
-        z += np.uint64(0x9E3779B97F4A7C15)
-        np.right_shift(z, np.uint64(30), out=t)
-        z ^= t
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        np.right_shift(z, np.uint64(27), out=t)
-        z ^= t
-        z *= np.uint64(0x94D049BB133111EB)
-        np.right_shift(z, np.uint64(31), out=t)
-        z ^= t
-    return z
-
-
 def table_key(seed: int, table: int, salt: int) -> int:
-    """64-bit key of (seed, table, salt) for the counter-based per-id hashes."""
-    return _mix_int(_mix_int(seed & _MASK64) ^ _mix_int((table << 8) | salt))
+    """64-bit key of (seed, table, salt) for the counter-based per-id hashes:
+    ``splitmix64(splitmix64(seed) ^ splitmix64(table << 8 | salt))``."""
+    seed_hash, table_hash = splitmix64(np.array([seed & _MASK64, (table << 8) | salt], dtype=np.uint64))
+    return int(splitmix64(seed_hash ^ table_hash))
 
 
 def hashed_normal(key: int, ids: np.ndarray) -> np.ndarray:
@@ -169,7 +151,6 @@ def criteo_hex_value(seed: int, table: int, ids: np.ndarray) -> np.ndarray:
 
 
 _BELOW_ONE = float(np.nextafter(1.0, 0.0))
-_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- options
@@ -219,64 +200,6 @@ class _Chunk:
         return (self.u < p).astype(np.float32)
 
 
-class _ZipfSampler:
-    """Exact inverse-CDF sampling of a bounded Zipf over ranks 1..m.
-
-    The float64 cumulative distribution ``cdf`` is built once; a guide table of
-    ``G`` (a power of two, so ``u * G`` is exact) equal buckets of [0, 1) stores
-    ``searchsorted(cdf, b / G, "right")``, so a key's answer lies in
-    ``[guide[b], guide[b + 1]]`` and a fixed number of vectorised bisection steps
-    over that bracket finds it. The result equals
-    ``np.searchsorted(cdf, u, side="right")`` exactly (tested), in a fraction of the
-    time for large tables; small tables use searchsorted directly."""
-
-    GUIDE_MIN = 1024
-    GUIDE_MAX_LOG2 = 22
-
-    def __init__(self, m: int, a: float) -> None:
-        cdf = np.arange(1, m + 1, dtype=np.float64)
-        np.power(cdf, -a, out=cdf)
-        np.cumsum(cdf, out=cdf)
-        cdf /= cdf[-1]
-        cdf[-1] = 1.0
-        self.cdf = cdf
-        self.m = m
-        self.guide: np.ndarray | None = None
-        self.G = 0
-        self.iters = 0
-        if m >= self.GUIDE_MIN:
-            self.G = 1 << min(self.GUIDE_MAX_LOG2, int(math.ceil(math.log2(2 * m))))
-            grid = np.arange(self.G + 1, dtype=np.float64)
-            grid *= 1.0 / self.G
-            self.guide = np.searchsorted(cdf, grid, side="right")
-            span = int(np.diff(self.guide).max())
-            self.iters = int(math.ceil(math.log2(span + 1))) if span > 0 else 0
-
-    def ranks(self, u: np.ndarray) -> np.ndarray:
-        """0-based rank index for uniforms u in [0, 1)."""
-        if self.guide is None:
-            r = np.searchsorted(self.cdf, u, side="right")
-            np.minimum(r, self.m - 1, out=r)
-            return r
-        b = (u * self.G).astype(np.intp)
-        lo = self.guide.take(b)
-        b += 1
-        hi = self.guide.take(b)
-        mid = b  # reuse the buffer
-        le = np.empty(len(u), dtype=bool)
-        top = self.m - 1
-        for _ in range(self.iters):
-            np.add(lo, hi, out=mid)
-            mid >>= 1
-            np.minimum(mid, top, out=mid)
-            np.less_equal(self.cdf.take(mid), u, out=le)
-            np.copyto(hi, mid, where=~le)
-            mid += 1
-            np.copyto(lo, mid, where=le)
-        np.minimum(lo, top, out=lo)
-        return lo
-
-
 class _Model:
     """Everything drawn once from the seed: per-table samplers, effects, dense params."""
 
@@ -288,7 +211,7 @@ class _Model:
         self.zipf = zipf
         self.seed = seed
         T = len(cardinalities)
-        self.sampler: list[_ZipfSampler | None] = []
+        self.sampler: list[ZipfSampler | None] = []
         self.perm: list[np.ndarray | None] = []
         self.missing_prob = np.zeros(T)
         self.effect_scale = np.zeros(T)
@@ -302,7 +225,7 @@ class _Model:
                 self.sampler.append(None)
                 self.perm.append(None)
                 continue
-            self.sampler.append(_ZipfSampler(m, zipf))
+            self.sampler.append(ZipfSampler(m, zipf))
             dtype = np.int32 if n < 2**31 else np.int64
             perm = rng.permutation(m).astype(dtype)
             perm += 1
@@ -500,12 +423,6 @@ def _chunks_in_order(model: _Model, seed: int, n_chunks: int, chunk_len, cached:
                 fut.cancel()
 
 
-def _roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from .stats import roc_auc
-
-    return roc_auc(scores, labels)
-
-
 def generate_synthetic(
     out: str,
     rows: int,
@@ -577,7 +494,7 @@ def generate_synthetic(
         cached[c] = ch
         auc_scores.append(ch.z)
         auc_labels.append(ch.labels(bias))
-    true_auc = _roc_auc(np.concatenate(auc_scores), np.concatenate(auc_labels))
+    true_auc = auc(np.concatenate(auc_labels), np.concatenate(auc_scores))
     del auc_scores, auc_labels
 
     # Part boundaries in the row stream: train parts, then the eval part.
@@ -620,15 +537,10 @@ def generate_synthetic(
         width = len(str(n_parts - 1))
         names = [f"day_{i:0{width}d}.txt" for i in range(n_parts)]
 
-    if progress is None:
-        progress = sys.stderr.isatty()
-    from tqdm import tqdm
-
     clicks = 0.0
     parts: list[str] = []
     with DatasetWriter(out, overwrite=overwrite, row_group_size=row_group_size, compression=compression) as w:
-        bar = tqdm(total=total, unit="rows", unit_scale=True, disable=not progress, file=sys.stderr,
-                   desc="synthetic")
+        bar = progress_bar(total, "synthetic", progress, unit="rows")
         try:
             part_idx = 0
             writer = None

@@ -116,8 +116,7 @@ def test_two_files_last_is_eval(tmp_path):
 
 
 def test_long_strings_hash_apart():
-    from bagpipe.datasets.avazu import hash_fields
-    from bagpipe.datasets.criteo import LineBlock
+    from bagpipe.datasets.text import LineBlock, hash_fields
 
     vals = [b"", b"a", b"ab", b"abcdefgh", b"abcdefghi", b"abcdefgh\x00", b"x" * 17, b"x" * 16, b"x" * 40,
             b"x" * 39 + b"y"]

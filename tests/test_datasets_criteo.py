@@ -4,9 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bagpipe.datasets.criteo import KeyCounter, parse_dec, parse_hex, LineBlock, prepare_criteo
+from bagpipe.datasets.criteo import prepare_criteo
 from bagpipe.datasets.format import DatasetError, list_parts, read_meta
 from bagpipe.datasets.synthetic import generate_synthetic
+from bagpipe.datasets.text import KeyCounter, LineBlock, parse_dec, parse_hex
 
 
 def line(label="0", dense=None, cats=None):
@@ -208,7 +209,7 @@ def test_threads_do_not_change_output(tmp_path):
 
 
 def test_vocab_index_matches_binary_search():
-    from bagpipe.datasets.criteo import VocabIndex, vocab_lookup
+    from bagpipe.datasets.text import VocabIndex, vocab_lookup
 
     rng = np.random.default_rng(5)
     for V in (0, 1, 7, 5000, 60000):
