@@ -1,4 +1,4 @@
-"""The emulated cluster link (bagpipe/netlink.py): namespaces + veth + tbf, a shaped
+"""The emulated cluster link (bagpipe/netlink/): namespaces + veth + tbf, a shaped
 multi-node torchrun job, and cleanup on success, failure, signals and kill -9.
 Needs root, `ip` and `tc`; skipped with the reason otherwise."""
 
@@ -12,6 +12,7 @@ import time
 import pytest
 
 from bagpipe import netlink
+from bagpipe.netlink.namespaces import NETNS_ETC, link_names, netns_list, owner_pid, pid_dead
 from conftest import compare, run_torchrun, train_args
 
 SUPPORTED, WHY = netlink.link_support()
@@ -19,16 +20,16 @@ pytestmark = pytest.mark.skipif(not SUPPORTED, reason=f"emulated links unavailab
 
 
 def _netns() -> list[str]:
-    return netlink._netns_list()
+    return netns_list()
 
 
 def _links() -> list[str]:
-    return netlink._link_names()
+    return link_names()
 
 
 def _ours(names: list[str], pid: int) -> list[str]:
     """Names created by links of process `pid` (prefix bp<pid>, bp<pid>n<k>)."""
-    return [n for n in names if netlink._owner_pid(n) == pid]
+    return [n for n in names if owner_pid(n) == pid]
 
 
 def _procs_mentioning(text: str) -> list[int]:
@@ -41,7 +42,7 @@ def _procs_mentioning(text: str) -> list[int]:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmd and not netlink._pid_dead(int(entry)):
+        if text in cmd and not pid_dead(int(entry)):
             pids.append(int(entry))
     return pids
 
@@ -49,7 +50,7 @@ def _procs_mentioning(text: str) -> list[int]:
 def _assert_clean(pid: int) -> None:
     assert _ours(_netns(), pid) == [], _netns()
     assert _ours(_links(), pid) == [], _links()
-    leftover = os.listdir(netlink.NETNS_ETC) if os.path.isdir(netlink.NETNS_ETC) else []
+    leftover = os.listdir(NETNS_ETC) if os.path.isdir(NETNS_ETC) else []
     assert _ours(leftover, pid) == [], leftover
 
 
@@ -78,6 +79,7 @@ def test_link_up_and_down():
     _assert_clean(os.getpid())
 
 
+@pytest.mark.distributed
 def test_shaped_job_matches_unshaped(tiny_data, tmp_path):
     common = ["--mode", "bagpipe", "--timeout", "30"]
     logs = tmp_path / "logs"
@@ -96,6 +98,7 @@ def test_shaped_job_matches_unshaped(tiny_data, tmp_path):
     assert _procs_mentioning(str(tmp_path)) == []
 
 
+@pytest.mark.distributed
 def test_killed_server_fails_the_job_and_leaves_nothing(tiny_data, tmp_path, capfd):
     run_dir = str(tmp_path / "run")
     start = time.monotonic()
@@ -136,11 +139,11 @@ def test_sigkilled_bench_is_cleaned_by_cleanup_stale():
         child.kill()
         child.wait()
         assert len(_ours(_netns(), child.pid)) == 2  # kill -9: nothing could clean up
-        assert not netlink._pid_dead(sleeper)
+        assert not pid_dead(sleeper)
         removed = netlink.cleanup_stale("nlt*")
         assert any(r.startswith("netns ") for r in removed), removed
         _assert_clean(child.pid)
-        assert netlink._pid_dead(sleeper)
+        assert pid_dead(sleeper)
         assert mine.ns_of("live") in _netns() and mine.root_ifname in _links()
     _assert_clean(os.getpid())
 
@@ -150,7 +153,7 @@ def test_sigterm_cleans_up_and_exits_143():
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == 128 + signal.SIGTERM
     _assert_clean(child.pid)
-    assert netlink._pid_dead(sleeper)
+    assert pid_dead(sleeper)
 
 
 def test_bad_arguments_are_refused():
