@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from bagpipe.metrics import write_json_atomic
+from bagpipe.config import CacheSize
+from bagpipe.rundir import write_json_atomic
 
 SWEEP_KEYS = ("lookahead", "cache_rows", "zipf", "trainers", "table_scale")
 
@@ -33,7 +34,7 @@ class Variant:
     trainers: int = 2
     servers: int = 1
     lookahead: int | None = None
-    cache_rows: int | None = None
+    cache_rows: str | None = None  # CacheSize syntax: R, P% or unlimited
     data: str = ""
     label_extra: str = ""
 
@@ -75,7 +76,7 @@ class BenchConfig:
     repeats: int = 3
     modes: tuple[str, ...] = ("local", "none", "bagpipe")
     lookaheads: tuple[int, ...] = (32,)
-    cache_rows: tuple[int | None, ...] = (None,)
+    cache_rows: tuple[str | None, ...] = (None,)
     sweep: tuple[str, tuple[str, ...]] | None = None
     link_gbps: float | None = None
     link_topology: str = "servers"
@@ -118,11 +119,10 @@ def build_variants(cfg: BenchConfig) -> list[Variant]:
     if key in ("lookahead", "cache_rows"):
         out += [replace(base, mode=m) for m in cfg.modes if m != "bagpipe"]
         for value in values:
-            parsed = None if value in ("none", "unlimited") else int(value)
             if key == "lookahead":
-                out.append(replace(base, mode="bagpipe", lookahead=parsed, cache_rows=cfg.cache_rows[0]))
+                out.append(replace(base, mode="bagpipe", lookahead=int(value), cache_rows=cfg.cache_rows[0]))
             else:
-                out.append(replace(base, mode="bagpipe", lookahead=cfg.lookaheads[0], cache_rows=parsed))
+                out.append(replace(base, mode="bagpipe", lookahead=cfg.lookaheads[0], cache_rows=value))
         return out
     for value in values:
         if key == "trainers":
@@ -154,25 +154,44 @@ def run_variant(cfg: BenchConfig, v: Variant, run_dir: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr[-3000:]
 
 
+PHASES = ("data", "plan", "wait", "compute", "exchange", "update")
+
+
 def figures(run_dir: str, warmup: int, batch_size: int) -> dict[str, Any]:
-    """Per-run figures from metrics.jsonl and summary.json, warm-up dropped."""
+    """Per-run figures from metrics.jsonl and summary.json, the first `warmup`
+    iterations dropped. Throughput is wall clock: global batch x measured iterations
+    over the loop's elapsed time across them (`elapsed` is what every mode's clock
+    reports at the end of each iteration, the slowest trainer's in distributed runs),
+    so it includes data reading, plan receive, waits and digests. The phase sum is
+    shown beside it, never used for ratios."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f][warmup:]
+        every = [json.loads(line) for line in f]
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
+    metrics = every[warmup:]
     if not metrics:
         raise ValueError(f"{run_dir}: no iterations left after {warmup} warm-up iterations")
+    start = every[warmup - 1]["elapsed"] if warmup else 0.0
+    wall = metrics[-1]["elapsed"] - start
     times = np.array([m["time_iter"] for m in metrics])
+    phase_ms = {p: float(np.mean([m.get(f"time_{p}", 0.0) for m in metrics]) * 1e3) for p in PHASES}
+    phase_sum_ms = sum(phase_ms.values())
     out: dict[str, Any] = {
-        "samples_per_s": batch_size * len(times) / times.sum(),
+        "samples_per_s": batch_size * len(metrics) / wall if wall > 0 else float("nan"),
+        "wall_s": wall,
+        "iter_ms_mean": wall / len(metrics) * 1e3,
         "iter_ms_p50": float(np.percentile(times, 50) * 1e3),
         "iter_ms_p99": float(np.percentile(times, 99) * 1e3),
+        "phase_sum_ms": phase_sum_ms,
+        "phase_samples_per_s": batch_size / (phase_sum_ms / 1e3) if phase_sum_ms else float("nan"),
     }
-    for phase in ("wait", "compute", "exchange", "update"):
-        out[f"{phase}_ms"] = float(np.mean([m.get(f"time_{phase}", 0.0) for m in metrics]) * 1e3)
-    out["wait_share"] = out["wait_ms"] / out["iter_ms_p50"] if out["iter_ms_p50"] else 0.0
-    for name in ("rows_read", "rows_fetched", "rows_written_back", "bytes_moved", "bytes_exchange"):
+    out.update({f"{p}_ms": v for p, v in phase_ms.items()})
+    out["wait_share"] = out["wait_ms"] / out["iter_ms_mean"] if out["iter_ms_mean"] else 0.0
+    for name in ("rows_read", "rows_fetched", "rows_written_back", "bytes_moved", "bytes_exchange", "bytes_plan",
+                 "bytes_dense"):
         out[f"{name}_per_iter"] = float(np.mean([m.get(name, 0) for m in metrics]))
+    if out["bytes_moved_per_iter"]:
+        out["plan_over_server_bytes"] = out["bytes_plan_per_iter"] / out["bytes_moved_per_iter"]
     rss = summary.get("peak_rss_kb")
     if isinstance(rss, dict):
         out["rss_mb_trainer"] = max(rss.get("trainers") or [0]) / 1024
@@ -218,9 +237,9 @@ def run_bench(cfg: BenchConfig, batch_size: int) -> list[Result]:
                 raise RuntimeError(f"bench: {v.label} (repeat {rep}) failed with exit code {code}:\n{err}")
             fig = figures(run_dir, cfg.warmup, batch_size)
             res.runs.append(fig)
-            print(f"[{done}/{total}] {v.label}: {fig['samples_per_s']:,.0f} samples/s, "
-                  f"p50 {fig['iter_ms_p50']:.1f} ms, wait {fig['wait_ms']:.1f} ms "
-                  f"({time.monotonic() - start:.0f} s)", flush=True)
+            print(f"[{done}/{total}] {v.label}: {fig['samples_per_s']:,.0f} samples/s wall clock "
+                  f"({fig['iter_ms_mean']:.1f} ms/iteration; phases sum to {fig['phase_sum_ms']:.1f} ms), "
+                  f"wait {fig['wait_ms']:.1f} ms ({time.monotonic() - start:.0f} s)", flush=True)
     return results
 
 
@@ -234,7 +253,7 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
         for key in keys:
             med, lo, hi = res.stat(key)
             row[key] = med
-            if key in ("samples_per_s", "iter_ms_p50"):
+            if key in ("samples_per_s", "iter_ms_mean"):
                 row[f"{key}_min"], row[f"{key}_max"] = lo, hi
         row["digest"] = res.runs[0].get("digest") if res.runs else None
         rows.append(row)
@@ -283,11 +302,12 @@ def plot(rows: list[dict[str, Any]], path: str, cfg: BenchConfig) -> None:
     hi = np.array([r.get("samples_per_s_max", m) for r, m in zip(rows, med)]) - med
     ax1.bar(x, med, yerr=[lo, hi], capsize=4, color=["#888" if r["mode"] != "bagpipe" else "#2a7" for r in rows])
     ax1.set_xticks(x, labels, rotation=30, ha="right")
-    ax1.set_ylabel("samples/s (median, min-max)")
+    ax1.set_ylabel("samples/s, wall clock (median, min-max)")
     link = f"{cfg.link_gbps} Gbit/s link ({cfg.link_topology})" if cfg.link_gbps else "loopback (unshaped)"
     ax1.set_title(f"Throughput, {link}")
     bottom = np.zeros(len(rows))
-    for phase, color in (("wait", "#d33"), ("compute", "#37c"), ("exchange", "#e92"), ("update", "#7a5")):
+    for phase, color in (("data", "#999"), ("plan", "#b7b"), ("wait", "#d33"), ("compute", "#37c"),
+                         ("exchange", "#e92"), ("update", "#7a5")):
         vals = np.array([r.get(f"{phase}_ms", 0.0) for r in rows])
         ax2.bar(x, vals, bottom=bottom, label=phase, color=color)
         bottom += vals
@@ -302,14 +322,18 @@ def plot(rows: list[dict[str, Any]], path: str, cfg: BenchConfig) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = [("variant", "{}", 22), ("samples_per_s", "{:,.0f}", 12), ("iter_ms_p50", "{:.1f}", 8),
-            ("iter_ms_p99", "{:.1f}", 8), ("wait_ms", "{:.1f}", 7), ("compute_ms", "{:.1f}", 8),
-            ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 7), ("rows_fetched_per_iter", "{:,.0f}", 9),
-            ("rows_written_back_per_iter", "{:,.0f}", 9), ("bytes_moved_per_iter", "{:,.0f}", 11),
-            ("bytes_exchange_per_iter", "{:,.0f}", 10), ("rss_mb_trainer", "{:.0f}", 7),
-            ("speedup_over_none", "{:.2f}x", 8), ("speedup_over_local", "{:.2f}x", 8)]
-    heads = ["variant", "samples/s", "p50 ms", "p99 ms", "wait", "compute", "exchange", "update", "fetched",
-             "wrtback", "server B/it", "xchg B/it", "RSS MB", "vs none", "vs local"]
+    """Wall-clock throughput and ratios first; the phase split (means per iteration)
+    and traffic after. Ratios are of wall-clock samples/s measured in this run."""
+    cols = [("variant", "{}", 22), ("samples_per_s", "{:,.0f}", 10), ("speedup_over_none", "{:.2f}x", 7),
+            ("speedup_over_local", "{:.2f}x", 8), ("iter_ms_mean", "{:.1f}", 7), ("phase_sum_ms", "{:.1f}", 7),
+            ("data_ms", "{:.1f}", 5), ("plan_ms", "{:.1f}", 5), ("wait_ms", "{:.1f}", 6), ("compute_ms", "{:.1f}", 7),
+            ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 6), ("rows_fetched_per_iter", "{:,.0f}", 8),
+            ("rows_written_back_per_iter", "{:,.0f}", 8), ("bytes_moved_per_iter", "{:,.0f}", 11),
+            ("bytes_plan_per_iter", "{:,.0f}", 9), ("plan_over_server_bytes", "{:.1%}", 7),
+            ("bytes_exchange_per_iter", "{:,.0f}", 10), ("rss_mb_trainer", "{:.0f}", 6)]
+    heads = ["variant", "samples/s", "vs none", "vs local", "ms/it", "phases", "data", "plan", "wait", "compute",
+             "exchange", "update", "fetched", "wrtback", "server B/it", "plan B/it", "plan/srv", "xchg B/it",
+             "RSS MB"]
     print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, (_, _, w)) in enumerate(zip(heads, cols))))
     for row in rows:
         cells = []
@@ -318,6 +342,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             text = "-" if val is None or (isinstance(val, float) and np.isnan(val)) else fmt.format(val)
             cells.append(text.ljust(width) if i == 0 else text.rjust(width))
         print("  ".join(cells))
+    print("samples/s: wall clock of the training loop (global batch x iterations / elapsed, warm-up dropped); "
+          "ms/it: its mean per iteration; phases: the mean phase sum, for the split only; ratios use wall clock")
 
 
 def add_arguments(p) -> None:
@@ -334,16 +360,24 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="local,none,bagpipe")
     p.add_argument("--lookahead", default="32", help="comma list of bagpipe lookaheads")
-    p.add_argument("--cache-rows", default="unlimited", help="comma list of per-trainer capacities or 'unlimited'")
+    p.add_argument("--cache-rows", default="unlimited",
+                   help="comma list of capacities, each R (rows per trainer), P%% (of all rows) or 'unlimited'")
     p.add_argument("--sweep", default=None, help=f"KEY=V1,V2,... with KEY in {', '.join(SWEEP_KEYS)}")
     p.add_argument("--link-gbps", type=float, default=None,
                    help="run servers (and with per-process, trainers) behind a shaped link of this rate")
-    p.add_argument("--link-topology", choices=("servers", "per-process"), default="servers")
+    from bagpipe.netlink import TOPOLOGIES
+
+    p.add_argument("--link-topology", choices=TOPOLOGIES, default="servers")
     p.add_argument("train_args", nargs="*", help="after --: extra `bagpipe train` arguments for every run")
 
 
-def _capacities(text: str) -> tuple[int | None, ...]:
-    return tuple(None if v in ("unlimited", "none") else int(v) for v in text.split(","))
+def _capacities(text: str) -> tuple[str | None, ...]:
+    """Validated CacheSize specs (None: unlimited), passed through to training as given."""
+    out = []
+    for value in text.split(","):
+        size = CacheSize.parse(value)
+        out.append(None if size.unlimited else str(size))
+    return tuple(out)
 
 
 def main_from_args(args) -> int:
@@ -363,11 +397,16 @@ def main_from_args(args) -> int:
             print(f"bench: cannot shape a link here ({reason}); running unshaped", file=sys.stderr)
             args.link_gbps = None
     extra = [a for a in args.train_args if a != "--"]
+    try:
+        capacities = _capacities(args.cache_rows)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg = BenchConfig(
         out=args.out, data=args.data, rows=args.rows, table_scale=args.table_scale, zipf=args.zipf,
         trainers=args.trainers, servers=args.servers, iters=args.iters, warmup=args.warmup,
         repeats=args.repeats, modes=tuple(args.modes.split(",")),
-        lookaheads=tuple(int(v) for v in args.lookahead.split(",")), cache_rows=_capacities(args.cache_rows),
+        lookaheads=tuple(int(v) for v in args.lookahead.split(",")), cache_rows=capacities,
         sweep=sweep, link_gbps=args.link_gbps, link_topology=args.link_topology,
         train_args=tuple(["--batch-size", str(args.batch_size), *extra]),
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from bagpipe.metrics import read_metrics, read_summary
+from bagpipe.rundir import read_metrics, read_summary
 
 
 def compare_runs(run_a: str, run_b: str) -> tuple[bool, str]:

@@ -8,16 +8,103 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+
+class Mode(str, Enum):
+    """Where rows live and who applies the sparse optimizer (DESIGN.md section 2)."""
+
+    LOCAL = "local"  # one process, full tables: the reference
+    NONE = "none"  # embedding servers, no cache: the baseline
+    BAGPIPE = "bagpipe"  # servers + oracle-driven trainer caches
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class OptimizerKind(str, Enum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # sparse rows only
+
+    def __str__(self) -> str:
+        return self.value
+
+
 MODELS = ("dlrm", "dcn", "wide_deep", "deepfm")
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
-MODES = ("local", "none", "bagpipe")
+MODES = tuple(m.value for m in Mode)
+OPTIMIZERS = tuple(o.value for o in OptimizerKind)
+DENSE_OPTIMIZERS = (OptimizerKind.SGD.value, OptimizerKind.ADAGRAD.value)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; raised before any work starts."""
+
+
+def _enum(kind, value, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"{what} {value!r} unknown; expected one of {', '.join(k.value for k in kind)}") from None
+
+
+@dataclass(frozen=True)
+class CacheSize:
+    """The one spelling of a cache capacity, everywhere (train, simulate, bench):
+    ``R`` owned rows per trainer, ``P%`` of all rows (the trainers' caches together),
+    or ``unlimited``."""
+
+    rows: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: "str | int | None", what: str = "--cache-rows") -> "CacheSize":
+        if text is None:
+            return cls()
+        if isinstance(text, int):
+            spec = str(text)
+        else:
+            spec = str(text).strip().lower()
+        if spec == "unlimited":
+            return cls()
+        if spec.endswith("%"):
+            try:
+                percent = float(spec[:-1])
+            except ValueError:
+                percent = float("nan")
+            if not 0 < percent <= 100:
+                raise ConfigError(f"{what}: {text!r} is not a percentage in (0, 100]")
+            return cls(percent=percent)
+        try:
+            rows = int(spec)
+        except ValueError:
+            raise ConfigError(f"{what}: expected R (rows per trainer), P% (of all rows) or 'unlimited', "
+                              f"got {text!r}") from None
+        if rows < 1:
+            raise ConfigError(f"{what}: rows per trainer must be >= 1, got {rows}")
+        return cls(rows=rows)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rows is None and self.percent is None
+
+    def rows_per_trainer(self, total_rows: int, trainers: int) -> int | None:
+        """Owned rows per trainer; None when unlimited."""
+        if self.rows is not None:
+            return self.rows
+        if self.percent is not None:
+            return max(1, math.ceil(self.percent / 100.0 * total_rows / trainers))
+        return None
+
+    def __str__(self) -> str:
+        if self.rows is not None:
+            return str(self.rows)
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return "unlimited"
 
 
 @dataclass(frozen=True)
@@ -62,20 +149,25 @@ class OptimizerConfig:
     """Sparse (row) and dense optimizers; the learning rate depends only on the
     iteration number (DESIGN.md section 2)."""
 
-    sparse: str = "sgd"
+    sparse: OptimizerKind = OptimizerKind.SGD
     sparse_lr: float = 0.1
-    dense: str = "sgd"
+    dense: OptimizerKind = OptimizerKind.SGD
     dense_lr: float = 0.1
     eps: float = 1e-10
     initial_accumulator: float = 0.0
     warmup_iters: int = 0
 
     def __post_init__(self) -> None:
-        for kind in (self.sparse, self.dense):
-            if kind not in OPTIMIZERS:
-                raise ConfigError(f"optimizer {kind!r} unknown; expected one of {', '.join(OPTIMIZERS)}")
-        if self.dense == "rowwise_adagrad":
+        object.__setattr__(self, "sparse", _enum(OptimizerKind, self.sparse, "sparse optimizer"))
+        object.__setattr__(self, "dense", _enum(OptimizerKind, self.dense, "dense optimizer"))
+        if self.dense is OptimizerKind.ROWWISE_ADAGRAD:
             raise ConfigError("rowwise_adagrad is a sparse (row) optimizer; use sgd or adagrad for --dense-optimizer")
+        if self.initial_accumulator < 0:
+            raise ConfigError(f"--initial-accumulator must be >= 0, got {self.initial_accumulator}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be positive, got {self.eps}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
 
     def sparse_lr_at(self, iteration: int) -> float:
         if self.warmup_iters > 0 and iteration < self.warmup_iters:
@@ -99,18 +191,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    mode: str = "local"
+    mode: Mode = Mode.LOCAL
     trainers: int = 1
     servers: int = 1
     lookahead: int = 32
     prefetch_distance: int | None = None
-    cache_rows: int | None = None
-    device: str = "cpu"
+    cache_rows: int | None = None  # owned rows per trainer (resolved from a CacheSize); None: unlimited
     timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode {self.mode!r} unknown; expected one of {', '.join(MODES)}")
+        object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
+        if self.cache_rows is not None and self.cache_rows < 1:
+            raise ConfigError(f"--cache-rows must be >= 1 rows per trainer, got {self.cache_rows}")
+        if self.prefetch_distance is not None and not 1 <= self.prefetch_distance <= self.lookahead:
+            raise ConfigError(f"--prefetch-distance must be in [1, --lookahead={self.lookahead}], "
+                              f"got {self.prefetch_distance}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout must be positive, got {self.timeout_s}")
         if self.trainers < 1:
             raise ConfigError(f"--trainers must be >= 1, got {self.trainers}")
         if self.servers < 1:
@@ -129,7 +226,6 @@ class RunConfig:
     iters: int | None = None  # None: one pass over the training split
     eval_every: int | None = None
     run_dir: str = "runs/default"
-    log_every: int = 1
     threads: int = 1  # torch threads per process; bits are only promised at equal thread counts
 
     def __post_init__(self) -> None:
@@ -140,7 +236,11 @@ class RunConfig:
             raise ConfigError(f"--batch-size {batch} is not divisible by --trainers {trainers}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if self.eval_every and self.cluster.mode != "local":
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"--iters must be >= 1, got {self.iters}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.eval_every and self.cluster.mode is not Mode.LOCAL:
             raise ConfigError(
                 f"--eval-every works in local mode only for now; --mode {self.cluster.mode} evaluates once, "
                 f"after training (drop --eval-every)"
@@ -154,7 +254,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        def tuples(d: dict[str, Any]) -> dict[str, Any]:
+        def tuples(d: dict[str, Any]) -> dict[str, Any]:  # JSON lists back to tuples
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
         return cls(

@@ -1,4 +1,5 @@
-"""Which batches a run trains and evaluates on, resolved once from the config."""
+"""Which batches a run trains and evaluates on, resolved once from the config and checked
+against the model before any process group forms."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class RunData:
         return cls(meta, train_parts, eval_parts, cfg.data.batch_size, iters, cfg.data.eval_batches,
                    cfg.data.shuffle_seed)
 
-    def train_batches(self, columns: str = "all", start_batch: int = 0):
+    def train_batches(self, columns: str = "all", start_batch: int = 0, slice_of: tuple[int, int] = (0, 1)):
+        """Global batches in training order, or with `slice_of=(k, T)` only trainer k's slices."""
         return BatchReader(
             self.train_parts,
             self.batch_size,
@@ -48,9 +50,11 @@ class RunData:
             shuffle_seed=self.shuffle_seed,
             start_batch=start_batch,
             max_batches=self.num_train_batches - start_batch,
+            slice_of=slice_of,
         )
 
-    def eval_batches(self):
+    def eval_batches(self, columns: str = "all", slice_of: tuple[int, int] = (0, 1)):
         if not self.eval_parts:
             return iter(())
-        return BatchReader(self.eval_parts, self.batch_size, max_batches=self.eval_batch_count)
+        return BatchReader(self.eval_parts, self.batch_size, columns=columns, max_batches=self.eval_batch_count,
+                           slice_of=slice_of)

@@ -1,180 +1,162 @@
 """Embedding server: one shard of every table, with optimizer state, worked in stages.
 
-Rows are placed by key modulo S (key = table offset + id; see bagpipe.rows), so
-server j holds keys j, j+S, j+2S, ... at local index key // S. Placement changes no
-result: values come from the counter-based initialiser and every update is the
-shared optimizer on the same rows in the same order.
+Server j holds the keys `Placement(S)` gives it. Placement changes no result:
+values come from the counter-based initialiser and every update is the shared
+optimizer on the same rows in the same order.
 
 Per stage s (DESIGN.md section 4) the server takes exactly one message from each
-trainer, applies the stage in trainer-rank order (gradients summed 0 + c_0 + c_1
-+ ... then the optimizer, in `none` mode; write-backs in `bagpipe` mode), and then
-answers the fetches, so a fetch at stage s sees every update of iterations <= s.
+trainer and `StageServer.apply` works it: gradients summed 0 + c_0 + c_1 + ... in
+trainer-rank order and the optimizer applied (`none`), then write-backs
+(`bagpipe`), then the fetches are answered, so a fetch at stage s sees every update
+of iterations <= s. `StageServer` is pure (no processes): the process loop,
+`run_server`, only moves its messages.
+
+Consistency checks (always on; vectorised): in `none` mode, gradients at stage s
+must be for exactly the rows that trainer was served at stage s-1; in `bagpipe`
+mode a fetched row is *checked out* until written back, and a fetch of a
+checked-out row (a stale read) or a write-back of a row not checked out is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from bagpipe.config import RunConfig
-from bagpipe.embedding import sum_contributions, union_of
-from bagpipe.hashing import stored_rows_digest
-from bagpipe.oracle.plan import ServerPlan
-from bagpipe.optim import initial_state, state_dim, update_table_rows
-from bagpipe.rows import RowSpace
-from bagpipe.metrics import peak_rss_kb
-from bagpipe.transport import Groups, PeerError, Roles, pack_frame, recv_array, unpack_frame, wait
 from bagpipe import faults, wire
-
-KIND_STAGE = 1
-KIND_ANSWER = 2
-STOP_STAGE = -1000
-
-
-def stage_layout(counts: tuple[int, int, int], row_dim: int, sdim: int) -> tuple[list[int], list[int]]:
-    """(int counts, float counts) of a trainer's stage message: grads, write-backs, fetches."""
-    n_grad, n_wb, n_fetch = counts
-    return [n_grad, n_wb, n_fetch], [n_grad * row_dim, n_wb * row_dim, n_wb * sdim]
-
-
-def answer_layout(n_fetch: int, row_dim: int, sdim: int, with_state: bool) -> tuple[list[int], list[int]]:
-    return [n_fetch], [n_fetch * row_dim, n_fetch * sdim if with_state else 0]
+from bagpipe.config import Mode, RunConfig
+from bagpipe.digest import stored_rows_digest
+from bagpipe.embedding import sum_contributions, union_of
+from bagpipe.errors import PeerError
+from bagpipe.metrics import peak_rss_kb
+from bagpipe.optim import SparseOptimizer
+from bagpipe.placement import Placement
+from bagpipe.plan import ServerPlan
+from bagpipe.protocol import Answer, FrameLayout, ServerChannel, StageMessage
+from bagpipe.rows import RowSpace
+from bagpipe.transport import Groups, Roles, recv_bytes, wait
 
 
-@dataclass
 class Shard:
-    """Server j's rows: values, optimizer state, and consistency bookkeeping."""
+    """Server j's rows: values, optimizer state, and which rows are checked out to a cache."""
 
-    rows: RowSpace
-    index: int
-    servers: int
-    optimizer: str
-    values: torch.Tensor = field(init=False)
-    state: torch.Tensor = field(init=False)
-    checked_out: np.ndarray = field(init=False)  # row is cached by a trainer (bagpipe mode)
-
-    def __post_init__(self) -> None:
-        self.keys = np.arange(self.index, self.rows.total_rows, self.servers, dtype=np.int64)
-        self.values = self.rows.init_tensor(self.keys)
-        self.state = initial_state(self.optimizer, len(self.keys), self.rows.row_dim)
+    def __init__(self, rows: RowSpace, placement: Placement, index: int, optimizer: SparseOptimizer):
+        self.rows, self.placement, self.index, self.optimizer = rows, placement, index, optimizer
+        self.keys = placement.shard_keys(index, rows.total_rows)
+        self.values = rows.init_tensor(self.keys)
+        self.state = optimizer.initial_state(len(self.keys))
         self.checked_out = np.zeros(len(self.keys), dtype=bool)
 
     def local(self, keys: np.ndarray, who: str) -> torch.Tensor:
-        if len(keys) and (np.any(keys % self.servers != self.index) or keys.max() >= self.rows.total_rows
-                          or keys.min() < 0):
+        if not self.placement.holds(self.index, keys, self.rows.total_rows):
             raise PeerError(f"{who}: keys not held by server {self.index}")
-        return torch.from_numpy(keys // self.servers)
+        return torch.from_numpy(self.placement.local_index(keys))
 
     def digest(self) -> int:
         return stored_rows_digest(self.keys, self.values, self.state)
+
+
+@dataclass
+class StageReport:
+    """What one stage did at one server (summed by the oracle into the iteration's record)."""
+
+    rows_digest: int = 0  # digest of the rows this server updated (none mode)
+    rows_updated: int = 0
+    rows_written_back: int = 0
+    rows_fetched: int = 0
+
+
+class StageServer:
+    """The stage logic of one server over its shard; see the module docstring."""
+
+    def __init__(self, shard: Shard, mode: Mode, trainers: int, lr_at, who: str, describe_trainer=None):
+        self.shard, self.mode, self.trainers, self.lr_at, self.who = shard, mode, trainers, lr_at, who
+        self.describe_trainer = describe_trainer or (lambda k: f"trainer {k}")
+        self._served_last_stage = [np.zeros(0, np.int64) for _ in range(trainers)]
+
+    def apply(self, plan: ServerPlan, messages: list[StageMessage]) -> tuple[list[Answer], StageReport]:
+        s, shard, report = plan.stage, self.shard, StageReport()
+        d = shard.rows.row_dim
+        where = f"{self.who}: stage {s}"
+        # 1. gradients (none mode), summed in trainer-rank order
+        parts = []
+        for k, msg in enumerate(messages):
+            if len(msg.grad_keys):
+                if not np.array_equal(msg.grad_keys, self._served_last_stage[k]):
+                    raise PeerError(f"{where}: {self.describe_trainer(k)} sent gradients for rows it was not served "
+                                    f"at stage {s - 1}")
+                parts.append((msg.grad_keys, torch.from_numpy(msg.grads)))
+        if parts:
+            if faults.active("reverse_contributions"):
+                parts = parts[::-1]
+            union = union_of([k for k, _ in parts])
+            grads = sum_contributions(union, parts, d)
+            updated = shard.optimizer.update_rows(shard.values, shard.state, shard.local(union, where), grads,
+                                                  self.lr_at(s))
+            report.rows_digest = stored_rows_digest(union, *updated)
+            report.rows_updated = len(union)
+        # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
+        for k, msg in enumerate(messages):
+            if not len(msg.writeback_keys):
+                continue
+            idx = shard.local(msg.writeback_keys, where)
+            local = idx.numpy()
+            if not shard.checked_out[local].all():
+                raise PeerError(f"{where}: write-back of rows not checked out to {self.describe_trainer(k)}")
+            shard.values.index_copy_(0, idx, torch.from_numpy(msg.writeback_values))
+            if shard.optimizer.state_dim:
+                shard.state.index_copy_(0, idx, torch.from_numpy(msg.writeback_state))
+            shard.checked_out[local] = False
+            report.rows_written_back += len(local)
+        # 3. answer fetches with values after this stage
+        with_state = self.mode is Mode.BAGPIPE and not plan.read_only
+        answers = []
+        for k, msg in enumerate(messages):
+            idx = shard.local(msg.fetch_keys, where)
+            state = None
+            if with_state:
+                local = idx.numpy()
+                if shard.checked_out[local].any():
+                    raise PeerError(f"{where}: {self.describe_trainer(k)} fetches rows already checked out to a "
+                                    f"cache (a stale read)")
+                shard.checked_out[local] = True
+                state = shard.state.index_select(0, idx).numpy()
+            answers.append(Answer(msg.fetch_keys, shard.values.index_select(0, idx).numpy(), state))
+            self._served_last_stage[k] = msg.fetch_keys.copy()
+            report.rows_fetched += len(msg.fetch_keys)
+        return answers, report
 
 
 def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None:
     me = roles.servers[index]
     desc = roles.describe(me)
     rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
-    opt = cfg.optimizer
-    shard = Shard(rows, index, cfg.cluster.servers, opt.sparse)
-    d, sdim = rows.row_dim, state_dim(opt.sparse, rows.row_dim)
-    bagpipe_mode = cfg.cluster.mode == "bagpipe"
-    trainers = roles.trainers
-    pending_answers: list = []
+    optimizer = SparseOptimizer.from_config(cfg.optimizer, rows.row_dim)
+    shard = Shard(rows, Placement(cfg.cluster.servers), index, optimizer)
+    server = StageServer(shard, cfg.cluster.mode, len(roles.trainers), cfg.optimizer.sparse_lr_at, desc,
+                         lambda k: roles.describe(roles.trainers[k]))
+    layout = FrameLayout(rows.row_dim, optimizer.state_dim, rows.total_rows)
+    channel = ServerChannel(layout, roles.trainers, groups.data, index, desc, roles.describe)
     pending_metrics: list = []
-    answered_last_stage: list[np.ndarray] = [np.zeros(0, np.int64)] * len(trainers)
-
     while True:
-        plan = ServerPlan.decode(recv_array(roles.oracle, groups.plan, f"{desc}: plan from oracle"))
-        if plan.stage == STOP_STAGE:
+        plan = ServerPlan.decode(recv_bytes(roles.oracle, groups.plan, f"{desc}: plan from oracle"))
+        if plan.is_stop:
             break
         s = plan.stage
         faults.maybe_kill("server", index, s)
-        # post every receive of the stage before waiting on anything
-        recvs = []
-        for k, src in enumerate(trainers):
-            counts = (int(plan.grad_counts[k]), int(plan.writeback_counts[k]), int(plan.fetch_counts[k]))
-            ints, floats = stage_layout(counts, d, sdim)
-            buf = torch.empty(8 * (8 + sum(ints)) + 4 * sum(floats), dtype=torch.uint8)
-            recvs.append((dist.irecv(buf, src, group=groups.data), buf, counts, ints, floats))
-        messages = []
-        for k, (work, buf, counts, ints, floats) in enumerate(recvs):
-            who = f"{desc}: stage {s} from {roles.describe(trainers[k])}"
-            wait(work, who)
-            messages.append(unpack_frame(buf, (s, KIND_STAGE, k, 0, counts), ints, floats, who))
-        for work, *_ in pending_answers:  # answers of the previous stage
-            wait(work, f"{desc}: answer delivery")
-        pending_answers = []
-
-        bytes_in = sum(buf.numel() for _, buf, *_ in recvs)
-        updated_digest, n_updated = 0, 0
-        # 1. gradients (none mode), summed in trainer-rank order
-        grad_parts = []
-        for k, (ints, floats) in enumerate(messages):
-            keys = ints[0]
-            if len(keys):
-                if not np.array_equal(keys, answered_last_stage[k]):
-                    raise PeerError(
-                        f"{desc}: stage {s}: {roles.describe(trainers[k])} sent gradients for rows it "
-                        f"was not served at stage {s - 1}"
-                    )
-                grad_parts.append((keys, torch.from_numpy(floats[0].reshape(-1, d))))
-        if grad_parts:
-            if faults.active("reverse_contributions"):
-                grad_parts = grad_parts[::-1]
-            union = union_of([k for k, _ in grad_parts])
-            grads = sum_contributions(union, grad_parts, d)
-            idx = shard.local(union, desc)
-            updated = update_table_rows(opt.sparse, shard.values, shard.state, idx, grads, opt.sparse_lr_at(s),
-                                        opt.eps)
-            updated_digest = stored_rows_digest(union, *updated)
-            n_updated = len(union)
-        # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
-        n_written = 0
-        for k, (ints, floats) in enumerate(messages):
-            keys = ints[1]
-            if not len(keys):
-                continue
-            idx = shard.local(keys, desc)
-            if not shard.checked_out[idx.numpy()].all():
-                raise PeerError(f"{desc}: stage {s}: write-back of rows not checked out to "
-                                f"{roles.describe(trainers[k])}")
-            shard.values.index_copy_(0, idx, torch.from_numpy(floats[1].reshape(-1, d)))
-            if sdim:
-                shard.state.index_copy_(0, idx, torch.from_numpy(floats[2].reshape(-1, sdim)))
-            shard.checked_out[idx.numpy()] = False
-            n_written += len(keys)
-        # 3. answer fetches with values after this stage
-        bytes_out, n_fetched = 0, 0
-        for k, (ints, _) in enumerate(messages):
-            keys = ints[2]
-            idx = shard.local(keys, desc)
-            with_state = bagpipe_mode and not plan.read_only
-            floats = [shard.values.index_select(0, idx).numpy()]
-            if with_state:
-                local = idx.numpy()
-                if shard.checked_out[local].any():
-                    raise PeerError(f"{desc}: stage {s}: {roles.describe(trainers[k])} fetches rows already "
-                                    f"checked out to a cache (a stale read)")
-                shard.checked_out[local] = True
-                floats.append(shard.state.index_select(0, idx).numpy())
-            frame = pack_frame(s, KIND_ANSWER, index, (len(keys), int(with_state), 0), [keys], floats)
-            pending_answers.append((dist.isend(frame, trainers[k], group=groups.data), frame))
-            answered_last_stage[k] = keys.copy()
-            bytes_out += frame.numel()
-            n_fetched += len(keys)
+        messages, bytes_in = channel.receive_stage(s, [plan.counts(k) for k in range(len(roles.trainers))])
+        answers, report = server.apply(plan, messages)
+        bytes_out = sum(channel.send_answer(s, k, answer) for k, answer in enumerate(answers))
         if s >= 0 and not plan.read_only:
-            msg = wire.encode(wire.SERVER_FIELDS, {
-                "stage": s, "rows_digest": updated_digest, "rows_updated": n_updated,
-                "rows_written_back": n_written, "rows_fetched": n_fetched,
-                "bytes_in": bytes_in, "bytes_out": bytes_out,
-            })
+            msg = wire.encode(wire.SERVER_FIELDS, {"stage": s, "rows_digest": report.rows_digest,
+                                                   "bytes_in": bytes_in, "bytes_out": bytes_out})
             pending_metrics.append((dist.isend(msg, roles.oracle, group=groups.metrics), msg))
             if len(pending_metrics) > 64:
                 wait(pending_metrics.pop(0)[0], f"{desc}: metrics to oracle")
-
-    for work, *_ in pending_answers + pending_metrics:
+    channel.flush()
+    for work, _ in pending_metrics:
         wait(work, f"{desc}: final sends")
     final = wire.encode(wire.FINAL_SERVER_FIELDS, {"rows_digest": shard.digest(),
                                                    "rows_checked_out": int(shard.checked_out.sum()),

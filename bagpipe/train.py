@@ -11,12 +11,61 @@ import os
 import sys
 import time
 
-from bagpipe.config import ClusterConfig, ConfigError, DataConfig, ModelConfig, OptimizerConfig, RunConfig
+from bagpipe.config import (DENSE_OPTIMIZERS, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig, ConfigError,
+                            DataConfig, Mode, ModelConfig, OptimizerConfig, RunConfig)
 from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
 
 DEFAULT_DATA = os.path.join("data", "synthetic-default")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=MODES, default="local")
+    p.add_argument("--data", default=None,
+                   help="dataset directory (default: the embedded synthetic workload, generated once in "
+                        "data/synthetic-default)")
+    p.add_argument("--eval-data", default=None, help="eval file or directory (default: the dataset's last part)")
+    p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--model", choices=MODELS, default="dlrm")
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--bottom-mlp", type=_ints, default=None, help="default: 64,<embedding-dim>")
+    p.add_argument("--top-mlp", type=_ints, default=(64, 32))
+    p.add_argument("--deep-mlp", type=_ints, default=(64, 32))
+    p.add_argument("--cross-layers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--iters", type=int, default=None, help="default: one pass over the training split")
+    p.add_argument("--run-dir", default=None, help="default: runs/<mode>")
+    p.add_argument("--trainers", type=int, default=1)
+    p.add_argument("--servers", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse (row) optimizer")
+    p.add_argument("--dense-optimizer", choices=DENSE_OPTIMIZERS, default=None, help="default: like --optimizer")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate of both optimizers unless overridden")
+    p.add_argument("--sparse-lr", type=float, default=None)
+    p.add_argument("--dense-lr", type=float, default=None)
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--initial-accumulator", type=float, default=0.0,
+                   help="initial Adagrad accumulator of every row and dense parameter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle-seed", type=int, default=None, help="seeded shuffle of row-group order")
+    p.add_argument("--lookahead", type=int, default=32)
+    p.add_argument("--prefetch-distance", type=int, default=None)
+    p.add_argument("--cache-rows", default="unlimited",
+                   help="bagpipe mode cache capacity: R owned rows per trainer, P%% of all rows (the trainers' "
+                        "caches together), or 'unlimited'")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (digests are comparable only at equal thread counts)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
+    p.add_argument("--node-roles", default=None,
+                   help="roles of this node's processes in a multi-node job, e.g. 'oracle=1,server=2' or 'trainer=2'")
 
 
 def ensure_default_data(path: str = DEFAULT_DATA, wait_s: float = 600.0) -> str:
@@ -62,6 +111,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         dense=args.dense_optimizer or ("adagrad" if args.optimizer != "sgd" else "sgd"),
         dense_lr=args.dense_lr if args.dense_lr is not None else lr,
         warmup_iters=args.warmup_iters,
+        initial_accumulator=args.initial_accumulator,
     )
     data = DataConfig(
         path=data_path,
@@ -76,8 +126,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         servers=args.servers,
         lookahead=args.lookahead,
         prefetch_distance=args.prefetch_distance,
-        cache_rows=args.cache_rows,
-        device=args.device,
+        cache_rows=CacheSize.parse(args.cache_rows).rows_per_trainer(sum(meta.cardinalities), args.trainers),
         timeout_s=args.timeout,
     )
     return RunConfig(
@@ -96,7 +145,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = resolve_config(args)
-        if cfg.cluster.mode == "local":
+        if cfg.cluster.mode is Mode.LOCAL:
             return _run_local(cfg)
         return _run_distributed(cfg, args.node_roles)
     except (ConfigError, DatasetError, ValueError) as err:
@@ -112,8 +161,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _run_local(cfg: RunConfig) -> int:
     import torch
 
-    from bagpipe.metrics import RunWriter
-    from bagpipe.trainers.data import RunData
+    from bagpipe.rundata import RunData
+    from bagpipe.rundir import RunWriter
     from bagpipe.trainers.local import train_local
 
     torch.set_num_threads(cfg.threads)
@@ -138,8 +187,8 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
     import torch
     import torch.distributed as dist
 
-    from bagpipe.trainers.data import RunData
     from bagpipe import transport
+    from bagpipe.rundata import RunData
 
     if "RANK" not in os.environ:
         raise ConfigError(
@@ -150,7 +199,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
     torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
     role = transport.local_role(node_roles, cfg.cluster.servers, cfg.cluster.trainers)
-    transport.init_world(cfg.cluster.timeout_s, cfg.cluster.device)
+    transport.init_world(cfg.cluster.timeout_s)
     desc = f"{role} (rank {dist.get_rank()})"
     roles = None
     try:
@@ -162,7 +211,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
             from bagpipe.oracle.process import run_oracle
 
             run_oracle(cfg, roles, groups, data)
-            from bagpipe.metrics import read_summary
+            from bagpipe.rundir import read_summary
 
             summary = read_summary(cfg.run_dir)
             print(
@@ -178,7 +227,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
             from bagpipe.trainers.runtime import TrainerRuntime
 
             runtime = TrainerRuntime(cfg, roles, groups, index, data)
-            if cfg.cluster.mode == "none":
+            if cfg.cluster.mode is Mode.NONE:
                 from bagpipe.trainers.nocache import run_nocache_trainer
 
                 run_nocache_trainer(runtime)
@@ -193,8 +242,6 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bagpipe.cli import add_train_arguments
-
     parser = argparse.ArgumentParser(prog="python -m bagpipe.train")
     add_train_arguments(parser)
     return run_from_args(parser.parse_args(argv))

@@ -3,8 +3,8 @@
 One torchrun world holds one oracle, S embedding servers and T trainers. gloo
 rules from DESIGN.md section 5 live here so no other module has to remember them:
 one process group per purpose (and thread), created in the same order on every
-rank; receives posted before waiting on sends; every message framed with a
-header the receiver checks; timeouts short enough that a dead peer ends the job.
+rank; timeouts short enough that a dead peer ends the job; failures reported
+with the peer's role. The trainer <-> server frames are `bagpipe.protocol`'s.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MAGIC = 0x0BA9_917E
+from bagpipe.errors import PeerError
 
-
-class PeerError(RuntimeError):
-    """A peer died, timed out or sent something other than what the plan says."""
+__all__ = ["PeerError", "Roles", "Groups", "make_groups", "init_world", "gather_roles", "local_role", "wait",
+           "send_bytes", "recv_bytes", "fail_fast"]
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,8 @@ def local_role(node_roles: str | None, servers: int, trainers: int) -> str:
     return roles[local_rank]
 
 
-def init_world(timeout_s: float, device: str = "cpu") -> None:
-    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+def init_world(timeout_s: float) -> None:
+    dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
@@ -166,51 +164,6 @@ def make_groups(roles: Roles, timeout_s: float) -> Groups:
     )
 
 
-# --- framed messages -------------------------------------------------------------
-# A frame is one uint8 tensor: int64 header [MAGIC, stage, kind, src, n0, n1, n2, 0]
-# then the int64 arrays, then the float32 arrays, in a layout both sides derive
-# from the plan. The receiver checks the header, so a size or stage mismatch is an
-# error instead of a stale buffer tail.
-
-HEADER_WORDS = 8
-
-
-def frame_size(int_counts: list[int], float_counts: list[int]) -> int:
-    return 8 * (HEADER_WORDS + sum(int_counts)) + 4 * sum(float_counts)
-
-
-def pack_frame(stage: int, kind: int, src: int, counts: tuple[int, int, int],
-               ints: list[np.ndarray], floats: list[np.ndarray]) -> torch.Tensor:
-    header = np.array([MAGIC, stage, kind, src, *counts, 0], dtype=np.int64)
-    parts = [header.view(np.uint8)]
-    parts += [np.ascontiguousarray(a, dtype=np.int64).view(np.uint8).ravel() for a in ints]
-    parts += [np.ascontiguousarray(a, dtype=np.float32).view(np.uint8).ravel() for a in floats]
-    return torch.from_numpy(np.concatenate(parts))
-
-
-def unpack_frame(buf: torch.Tensor, expect: tuple[int, int, int, int, tuple[int, int, int]],
-                 int_counts: list[int], float_counts: list[int], who: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Check the header against (stage, kind, src, counts) and split the payload."""
-    raw = buf.numpy()
-    header = raw[: 8 * HEADER_WORDS].view(np.int64)
-    stage, kind, src, counts = expect[0], expect[1], expect[2], expect[4]
-    got = (int(header[1]), int(header[2]), int(header[3]), tuple(int(x) for x in header[4:7]))
-    if int(header[0]) != MAGIC or got != (stage, kind, src, tuple(counts)):
-        raise PeerError(
-            f"{who}: unexpected message header {got}, expected {(stage, kind, src, tuple(counts))} "
-            f"(magic {'ok' if int(header[0]) == MAGIC else 'bad'}): sender and plan disagree"
-        )
-    pos = 8 * HEADER_WORDS
-    ints, floats = [], []
-    for n in int_counts:
-        ints.append(raw[pos : pos + 8 * n].view(np.int64))
-        pos += 8 * n
-    for n in float_counts:
-        floats.append(raw[pos : pos + 4 * n].view(np.float32))
-        pos += 4 * n
-    return ints, floats
-
-
 def wait(work, what: str) -> None:
     """Wait on a request; turn gloo's errors into one that names the peer."""
     try:
@@ -227,24 +180,23 @@ def _gloo_reason(err: BaseException) -> str:
     return text.split(". This is typically caused", 1)[0]
 
 
-def send_array(arr: np.ndarray, dst: int, group, tag: int = 0) -> list:
-    """Variable-length int64 message: length first, then the payload (both async)."""
-    arr = np.ascontiguousarray(arr, dtype=np.int64)
-    length = torch.tensor([arr.size], dtype=torch.int64)
-    works = [dist.isend(length, dst, group=group, tag=tag)]
-    if arr.size:
-        works.append(dist.isend(torch.from_numpy(arr), dst, group=group, tag=tag))
-    # keep the tensors alive until the sends complete
-    return [(w, length, arr) for w in works]
+def send_bytes(payload: np.ndarray, dst: int, group) -> list:
+    """Variable-length message: its length, then the bytes (both async). Returns the
+    pending sends with their tensors, which must stay alive until they complete."""
+    raw = torch.from_numpy(np.ascontiguousarray(payload).view(np.uint8).ravel())
+    length = torch.tensor([raw.numel()], dtype=torch.int64)
+    works = [dist.isend(length, dst, group=group)]
+    if raw.numel():
+        works.append(dist.isend(raw, dst, group=group))
+    return [(w, length, raw) for w in works]
 
 
-def recv_array(src: int, group, what: str, tag: int = 0) -> np.ndarray:
+def recv_bytes(src: int, group, what: str) -> np.ndarray:
     length = torch.zeros(1, dtype=torch.int64)
-    wait(dist.irecv(length, src, group=group, tag=tag), what)
-    n = int(length.item())
-    out = torch.empty(n, dtype=torch.int64)
-    if n:
-        wait(dist.irecv(out, src, group=group, tag=tag), what)
+    wait(dist.irecv(length, src, group=group), what)
+    out = torch.empty(int(length.item()), dtype=torch.uint8)
+    if out.numel():
+        wait(dist.irecv(out, src, group=group), what)
     return out.numpy()
 
 

@@ -12,16 +12,14 @@ import torch
 # (name, kind): kind "i" integer (digests are taken mod 2^64), "f" float
 TRAINER_FIELDS = (
     ("iter", "i"), ("loss", "f"), ("dense_digest", "i"), ("rows_digest", "i"),
-    ("time_wait", "f"), ("time_compute", "f"), ("time_exchange", "f"), ("time_update", "f"), ("time_iter", "f"),
-    ("rows_read", "i"), ("rows_fetched", "i"), ("rows_written_back", "i"), ("rows_from_cache", "i"),
-    ("bytes_server", "i"), ("bytes_exchange", "i"), ("cache_occupancy", "i"),
+    ("time_data", "f"), ("time_plan", "f"), ("time_wait", "f"), ("time_compute", "f"), ("time_exchange", "f"),
+    ("time_update", "f"), ("time_iter", "f"), ("elapsed", "f"),
+    ("rows_read", "i"), ("rows_fetched", "i"), ("rows_written_back", "i"),
+    ("bytes_server", "i"), ("bytes_exchange", "i"), ("bytes_dense", "i"), ("cache_occupancy", "i"),
 )
-SERVER_FIELDS = (
-    ("stage", "i"), ("rows_digest", "i"), ("rows_updated", "i"), ("rows_written_back", "i"),
-    ("rows_fetched", "i"), ("bytes_in", "i"), ("bytes_out", "i"),
-)
+SERVER_FIELDS = (("stage", "i"), ("rows_digest", "i"), ("bytes_in", "i"), ("bytes_out", "i"))
 FINAL_SERVER_FIELDS = (("rows_digest", "i"), ("rows_checked_out", "i"), ("peak_rss_kb", "i"))
-FINAL_TRAINER_FIELDS = (("dense_digest", "i"), ("eval_examples", "i"), ("peak_rss_kb", "i"))
+FINAL_TRAINER_FIELDS = (("dense_digest", "i"), ("peak_rss_kb", "i"))
 
 
 def _to_i64(value: int) -> int:

@@ -8,10 +8,14 @@ row groups and files freely; a partial last batch is dropped (DESIGN.md section 
 ``start_batch`` skips ahead using the row-group row counts in the footers, without
 reading the skipped rows.
 
-A `Batch` holds ``dense`` float32 [B, num_dense] (C order), ``labels`` float32 [B]
-and ``sparse`` int64 [num_tables, B] (table-major, C order); `Batch.slice(k, T)` is
-trainer k's contiguous slice. Batches are fresh arrays (never reused), so a
-consumer may keep a window of them (the oracle does).
+A `Batch` holds ``dense`` float32 [b, num_dense] (C order), ``labels`` float32 [b]
+and ``sparse`` int64 [num_tables, b] (table-major, C order). With
+``slice_of=(k, T)`` the reader yields only trainer k's contiguous slice of every
+global batch (b = B / T), reading only the row groups that slice touches and
+copying only its rows, so a trainer never materialises the other trainers' rows;
+`Batch.slice(k, T)` cuts a full batch the same way (for `local`, which plays
+every trainer). Batches are fresh arrays (never reused), so a consumer may keep a
+window of them (the oracle does).
 
 Every consumed id is checked against its table's cardinality (vectorised min/max
 per column per slice); a bad id raises `DatasetError` naming the file, column,
@@ -158,6 +162,7 @@ class BatchReader:
         max_batches: int | None = None,
         check_ids: bool = True,
         use_threads: bool = False,
+        slice_of: tuple[int, int] = (0, 1),
     ) -> None:
         if not parts:
             raise DatasetError("no dataset parts to read")
@@ -169,6 +174,12 @@ class BatchReader:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         if max_batches is not None and max_batches < 0:
             raise ValueError(f"max_batches must be >= 0, got {max_batches}")
+        rank, trainers = slice_of
+        if trainers < 1 or not 0 <= rank < trainers:
+            raise ValueError(f"slice_of: rank {rank} out of range for {trainers} trainers")
+        if batch_size % trainers:
+            raise ValueError(f"batch of {batch_size} rows does not split evenly over {trainers} trainers")
+        self.slice_of = (rank, trainers)
         self.parts = [os.fspath(p) for p in parts]
         self.batch_size = batch_size
         self.columns = columns
@@ -194,6 +205,7 @@ class BatchReader:
             order = np.random.default_rng(shuffle_seed).permutation(len(units))
             units = [units[k] for k in order]
         self.units = units
+        self._unit_end = np.cumsum([u[2] for u in units], dtype=np.int64)
         self.num_rows = sum(u[2] for u in units)
         total = self.num_rows // batch_size
         self.total_batches = total
@@ -204,8 +216,10 @@ class BatchReader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def _read(self, unit: tuple[int, int, int], files: dict) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        i, rg, _ = unit
+    def _load(self, unit: tuple[int, int, int], files: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One row group as (labels [n], dense [n, D], sparse [tables, n]) arrays: decoded
+        and stacked once, then sliced by every batch that falls in it."""
+        i, rg, n = unit
         pf = files.get(i)
         if pf is None:
             files.clear()  # keep at most one open file
@@ -216,9 +230,12 @@ class BatchReader:
             names = ["label", *meta.dense_features, *names]
         table = pf.read_row_group(rg, columns=names, use_threads=self.use_threads)
         cols = [table.column(k).to_numpy() for k in range(table.num_columns)]
-        if self.columns == "all":
-            return cols[:1], cols[1 : 1 + meta.num_dense], cols[1 + meta.num_dense :]
-        return [], [], cols
+        T, D = meta.num_tables, meta.num_dense
+        sparse = np.stack(cols[-T:]) if T else np.zeros((0, n), np.int64)
+        if self.columns != "all":
+            return np.zeros(0, np.float32), np.zeros((0, D), np.float32), sparse
+        dense = np.stack(cols[1:1 + D], axis=1) if D else np.zeros((n, 0), np.float32)
+        return cols[0], dense, sparse
 
     def _check(self, sparse: np.ndarray, unit: tuple[int, int, int], row0: int) -> None:
         """sparse: [T, k] slice of the batch just filled from `unit` starting at its row row0."""
@@ -241,52 +258,29 @@ class BatchReader:
         )
 
     def __iter__(self) -> Iterator[Batch]:
-        B = self.batch_size
+        B, rank, trainers = self.batch_size, *self.slice_of
+        per = B // trainers
         T, D = self.meta.num_tables, self.meta.num_dense
         full = self.columns == "all"
-        remaining = self.num_batches
-        if remaining == 0:
-            return
-        # locate the first row to read
-        skip = self.start_batch * B
-        u = 0
-        while skip >= self.units[u][2]:
-            skip -= self.units[u][2]
-            u += 1
         files: dict = {}
-        index = self.start_batch
-
-        def fresh():
-            if full:
-                return np.empty((B, D), np.float32), np.empty(B, np.float32), np.empty((T, B), np.int64)
-            return np.empty((0, D), np.float32), np.empty(0, np.float32), np.empty((T, B), np.int64)
-
-        dense, labels, sparse = fresh()
-        fill = 0
-        while remaining > 0:
-            unit = self.units[u]
-            lab_cols, dense_cols, sparse_cols = self._read(unit, files)
-            n = unit[2]
-            off = skip
-            skip = 0
-            while off < n and remaining > 0:
-                k = min(n - off, B - fill)
-                dst = sparse[:, fill : fill + k]
-                for t in range(T):
-                    dst[t] = sparse_cols[t][off : off + k]
-                self._check(dst, unit, off)
+        u, loaded = 0, None  # current unit and its arrays
+        for index in range(self.start_batch, self.start_batch + self.num_batches):
+            lo = index * B + rank * per  # this slice's rows in the stream
+            labels = np.empty(per if full else 0, np.float32)
+            dense = np.empty((per if full else 0, D), np.float32)
+            sparse = np.empty((T, per), np.int64)
+            fill = 0
+            while fill < per:
+                while lo + fill >= self._unit_end[u]:
+                    u, loaded = u + 1, None
+                if loaded is None:
+                    loaded = self._load(self.units[u], files)
+                off = lo + fill - (self._unit_end[u] - self.units[u][2])
+                k = min(per - fill, self.units[u][2] - off)
+                sparse[:, fill:fill + k] = loaded[2][:, off:off + k]
+                self._check(sparse[:, fill:fill + k], self.units[u], off)
                 if full:
-                    labels[fill : fill + k] = lab_cols[0][off : off + k]
-                    dd = dense[fill : fill + k]
-                    for j in range(D):
-                        dd[:, j] = dense_cols[j][off : off + k]
+                    labels[fill:fill + k] = loaded[0][off:off + k]
+                    dense[fill:fill + k] = loaded[1][off:off + k]
                 fill += k
-                off += k
-                if fill == B:
-                    yield Batch(index=index, dense=dense, labels=labels, sparse=sparse)
-                    index += 1
-                    remaining -= 1
-                    if remaining:
-                        dense, labels, sparse = fresh()
-                    fill = 0
-            u += 1
+            yield Batch(index=index, dense=dense, labels=labels, sparse=sparse)

@@ -37,8 +37,8 @@ def register(subparsers) -> None:
                    help="trainer count T, or a list (e.g. 1,2,4,8) for a scaling study")
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--lookahead", type=int, default=32, help="reuse horizon L (as `bagpipe train`)")
-    p.add_argument("--cache-rows", default="none",
-                   help="owned rows per trainer: N, P%% of all rows split over the trainers, or 'none' (unlimited)")
+    p.add_argument("--cache-rows", default="unlimited",
+                   help="R owned rows per trainer, P%% of all rows (the trainers' caches together), or 'unlimited'")
     p.add_argument("--prefetch-distance", type=int, default=None, help="D (default min(2, L))")
     p.add_argument("--evict-ahead", type=int, default=1,
                    help="capacity evictions make room for rows used up to this many iterations after the "
@@ -53,8 +53,10 @@ def register(subparsers) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .lrpp import PlanError, PlannerConfig
-    from .simulate import (SWEEP_COLUMNS, format_summary, load_keys, parse_cache_rows, plot_scaling, plot_sweep,
-                           run_plans, scaling_study, sweep, write_csv)
+    from bagpipe.config import CacheSize, ConfigError
+
+    from .simulate import (SWEEP_COLUMNS, format_summary, load_keys, plot_scaling, plot_sweep, run_plans,
+                           scaling_study, sweep, write_csv)
 
     if args.batch_size < 1:
         print("simulate: --batch-size must be positive", file=sys.stderr)
@@ -93,12 +95,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 _try_plot(plot_scaling, rows, os.path.join(args.out, "scaling.png"), text)
         else:
             cfg = PlannerConfig(T0, args.servers, args.lookahead, args.prefetch_distance,
-                                parse_cache_rows(args.cache_rows, total_rows, T0), total_rows,
+                                CacheSize.parse(args.cache_rows).rows_per_trainer(total_rows, T0), total_rows,
                                 evict_ahead=args.evict_ahead)
             s = run_plans(cfg, batches)
             result["summary"] = s.as_dict()
             text.append(format_summary(s))
-    except (PlanError, ValueError) as err:
+    except (PlanError, ConfigError, ValueError) as err:
         print(f"simulate: {err}", file=sys.stderr)
         return 1
     if args.out:

@@ -4,7 +4,7 @@
 [B, tables] array of global row keys, bagpipe.rows.RowSpace) into one
 `IterationPlan` per stage: first the bootstrap stage -1, then iterations
 0 .. N-1. Each holds one `TrainerPlan` per trainer (what it reads, from whom, what
-it updates, writes back and fetches; see oracle/plan.py for the trainer loop) and
+it updates, writes back and fetches; see bagpipe/plan.py) and
 one `ServerPlan` per server for the stage of the same number.
 
 Policy (DESIGN.md section 4)
@@ -54,12 +54,14 @@ trainers, servers and the few iterations a stage touches, never over keys.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .plan import EMPTY_I64, ServerPlan, TrainerPlan
+from bagpipe.placement import Placement
+from bagpipe.plan import EMPTY_I64, IterationPlan, PlanStats, TrainerPlan, server_plans
+
 from .window import NO_USE, LookaheadWindow, sorted_unique
 
 
@@ -132,14 +134,6 @@ class PlannerConfig:
         return max(self.lookahead, self.prefetch_distance + 1)
 
 
-@dataclass
-class IterationPlan:
-    iteration: int
-    trainers: list[TrainerPlan]
-    servers: list[ServerPlan]  # for stage == iteration; grad_counts are zero
-    stats: dict = field(default_factory=dict)
-
-
 def _group(labels: np.ndarray, groups: int) -> list[np.ndarray]:
     """Indices of `labels` (ints in [0, groups)) per label, each ascending."""
     if groups == 1:
@@ -183,6 +177,7 @@ class _LRPPPlanner:
         self.cfg = cfg
         self.T = cfg.trainers
         self.S = cfg.servers
+        self.placement = Placement(cfg.servers)
         self.L = cfg.lookahead
         self.D = cfg.prefetch_distance
         self.R = cfg.cache_rows
@@ -307,7 +302,7 @@ class _LRPPPlanner:
         win, T, L, D, R = self.win, self.T, self.L, self.D, self.R
         win.ensure(s + self.H)
         last = (not win.ensure(0)) if s < 0 else win.is_last(s)
-        stats: dict = {"stage": s}
+        stats = PlanStats(stage=s)
         wb_keys: list[list[np.ndarray]] = [[] for _ in range(T)]
         wb_slots: list[list[np.ndarray]] = [[] for _ in range(T)]
 
@@ -318,7 +313,7 @@ class _LRPPPlanner:
         if last:
             for t in range(T):
                 self._writeback(s, self._resident_keys(t), wb_keys, wb_slots)
-            stats["writeback_reuse"] = int(sum(sum(a.size for a in w) for w in wb_keys))
+            stats.writeback_reuse = int(sum(sum(a.size for a in w) for w in wb_keys))
         elif s >= 0:
             e = win.entry(s)
             nxt = win.next_use(s)
@@ -327,16 +322,16 @@ class _LRPPPlanner:
             stay = ~go
             self.nu[e.keys[stay]] = nxt[stay]
             self._writeback(s, e.keys[go], wb_keys, wb_slots)
-            stats["writeback_reuse"] = int(np.count_nonzero(go))
+            stats.writeback_reuse = int(np.count_nonzero(go))
         else:
-            stats["writeback_reuse"] = 0
+            stats.writeback_reuse = 0
 
         # --- stage s fetches --------------------------------------------------------
         fetch_keys: list[np.ndarray] = [EMPTY_I64] * T
         fetch_slots: list[np.ndarray] = [EMPTY_I64] * T
-        stats["postponed"] = 0
-        stats["capacity_evictions"] = 0
-        stats["fetched_one_ahead"] = 0
+        stats.postponed = 0
+        stats.capacity_evictions = 0
+        stats.fetched_one_ahead = 0
         if not last:
             for u in (range(0, D) if s < 0 else (s + D,)):
                 if win.ensure(u):
@@ -364,28 +359,27 @@ class _LRPPPlanner:
         for t in range(T):
             if wbs[t].size:
                 self.free[t] = np.concatenate([self.free[t], wbs[t]])
-        stats["fetched"] = int(nf.sum())
-        stats["fetched_per_trainer"] = nf.tolist()
-        stats["written_back"] = int(nw.sum())
-        stats["written_back_per_trainer"] = nw.tolist()
-        stats["occupancy"] = occupancy.tolist()  # owned rows per trainer at stage s
-        stats["resident_after"] = int(self.occ.sum())
-        stats["pending"] = int(self.p_keys.size)
+        stats.fetched = int(nf.sum())
+        stats.fetched_per_trainer = nf.tolist()
+        stats.written_back = int(nw.sum())
+        stats.written_back_per_trainer = nw.tolist()
+        stats.occupancy = occupancy.tolist()  # owned rows per trainer at stage s
+        stats.resident_after = int(self.occ.sum())
+        stats.pending = int(self.p_keys.size)
 
         for t in range(T):
             tp = tplans[t]
             tp.writeback_keys, tp.writeback_slots = wbk[t], wbs[t]
             tp.fetch_keys, tp.fetch_slots = fetch_keys[t], fetch_slots[t]
-        splans = _server_plans(s, self.S, T, wbk, fetch_keys, None)
+        splans = server_plans(s, self.placement, wbk, fetch_keys)
         win.release(s + 1)
         return IterationPlan(s, tplans, splans, stats), last
 
-    def _iteration_parts(self, s: int, stats: dict) -> list[TrainerPlan]:
+    def _iteration_parts(self, s: int, stats: PlanStats) -> list[TrainerPlan]:
         T = self.T
         empties = [EMPTY_I64] * T
         if s < 0:
-            stats.update(reads=0, unique_rows=0, exchange_rows=0, exchange_sent_per_trainer=[0] * T,
-                         fetched_for_use=0, wait_through=[-2] * T)
+            stats.exchange_sent_per_trainer, stats.wait_through = [0] * T, [-2] * T
             return [
                 TrainerPlan(s, k, EMPTY_I64, EMPTY_I64, EMPTY_I64, list(empties), list(empties),
                             EMPTY_I64, EMPTY_I64, EMPTY_I64, EMPTY_I64, EMPTY_I64, EMPTY_I64, -2)
@@ -425,14 +419,12 @@ class _LRPPPlanner:
             plans[o].send_slots = send[o]
             plans[o].update_keys = U[idx]
             plans[o].update_slots = sl[idx]
-        stats.update(
-            reads=e.total_reads, unique_rows=int(U.size), exchange_rows=int(sent.sum()),
-            exchange_sent_per_trainer=sent.tolist(), fetched_for_use=self.fetched_for.pop(s, 0),
-            wait_through=wait.tolist(),
-        )
+        stats.reads, stats.unique_rows = e.total_reads, int(U.size)
+        stats.exchange_rows, stats.exchange_sent_per_trainer = int(sent.sum()), sent.tolist()
+        stats.fetched_for_use, stats.wait_through = self.fetched_for.pop(s, 0), wait.tolist()
         return plans
 
-    def _place(self, s: int, stats: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _place(self, s: int, stats: PlanStats) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Fetch pending rows at stage s, most urgent first, as far as room allows."""
         T, R = self.T, self.R
         out_k = [EMPTY_I64] * T
@@ -482,13 +474,13 @@ class _LRPPPlanner:
             for d in np.flatnonzero(counts).tolist():
                 self.fetched_for[s + d] = self.fetched_for.get(s + d, 0) + int(counts[d])
         if s >= 0:  # (the bootstrap necessarily fetches iteration 0's rows one stage ahead)
-            stats["fetched_one_ahead"] = int(np.count_nonzero(placed_u == s + 1))
+            stats.fetched_one_ahead = int(np.count_nonzero(placed_u == s + 1))
         rest = np.ones(self.p_keys.size, dtype=bool)
         rest[idx[:n]] = False
         self.p_keys, self.p_u = self.p_keys[rest], self.p_u[rest]
         self.p_early, self.p_pref = self.p_early[rest], self.p_pref[rest]
         left = idx.size - n
-        stats["postponed"] = int(left)
+        stats.postponed = int(left)
         if left and int(u[n:].min()) <= s + 1:
             late = int(np.count_nonzero(u[n:] <= s + 1))
             raise self._capacity_error(
@@ -497,7 +489,7 @@ class _LRPPPlanner:
             )
         return out_k, out_s
 
-    def _make_room(self, s: int, wb_keys, wb_slots, fetch_keys, stats: dict) -> None:
+    def _make_room(self, s: int, wb_keys, wb_slots, fetch_keys, stats: PlanStats) -> None:
         """Evict at stage s so the rows wanted at stage s+1 fit (see module docstring)."""
         T, R, D = self.T, self.R, self.D
         nf = np.array([f.size for f in fetch_keys], dtype=np.int64)
@@ -531,7 +523,7 @@ class _LRPPPlanner:
             return
         vk, vnu = vk[:n_ev], vnu[:n_ev]
         self._writeback(s, vk, wb_keys, wb_slots)
-        stats["capacity_evictions"] = n_ev
+        stats.capacity_evictions = n_ev
         # victims whose next use has already entered the demand window are re-queued
         again = vnu - D <= s
         if again.any():
@@ -542,19 +534,6 @@ class _LRPPPlanner:
                 e = self.win.entry(uu)
                 pref[g] = e.first_reader[np.searchsorted(e.keys, rk[g])]
             self._add_pending(rk, ru, np.full(rk.size, s + 1), pref)
-
-
-def _server_plans(s: int, S: int, T: int, wb_keys: list[np.ndarray], fetch_keys: list[np.ndarray],
-                  grad_keys: list[np.ndarray] | None) -> list[ServerPlan]:
-    wb = np.zeros((S, T), dtype=np.int64)
-    fe = np.zeros((S, T), dtype=np.int64)
-    gr = np.zeros((S, T), dtype=np.int64)
-    for t in range(T):
-        wb[:, t] = np.bincount(wb_keys[t] % S, minlength=S)
-        fe[:, t] = np.bincount(fetch_keys[t] % S, minlength=S)
-        if grad_keys is not None:
-            gr[:, t] = np.bincount(grad_keys[t] % S, minlength=S)
-    return [ServerPlan(s, j, gr[j].copy(), wb[j].copy(), fe[j].copy()) for j in range(S)]
 
 
 def plan_lrpp(cfg: PlannerConfig, batches: Iterable[np.ndarray]) -> Iterator[IterationPlan]:

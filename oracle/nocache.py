@@ -6,7 +6,8 @@ the reads of iteration i+1, so a fetch sees every update of iterations <= i. The
 last iteration's stage fetches nothing. Trainer k's plan for iteration i carries
 its reads, ``fetch_keys`` = its reads of i+1 (``fetch_slots`` = their positions,
 unused), empty ownership/exchange/write-back lists and
-``wait_through_stage = i - 1``.
+``wait_through_stage = i - 1``. (A `none` trainer reads its next slice itself, so
+only the counts and checksums of these travel; see bagpipe.plan.PlanMessage.)
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .lrpp import IterationPlan, PlanError, _server_plans
-from .plan import EMPTY_I64, TrainerPlan
+from bagpipe.placement import Placement
+from bagpipe.plan import EMPTY_I64, IterationPlan, PlanStats, TrainerPlan, server_plans
+
+from .lrpp import PlanError
 from .window import sorted_unique
 
 
@@ -34,6 +37,7 @@ def plan_none(trainers: int, servers: int, batches: Iterable[np.ndarray]) -> Ite
     if trainers < 1 or servers < 1:
         raise PlanError(f"trainers and servers must be >= 1, got {trainers} and {servers}")
     T = trainers
+    placement = Placement(servers)
     it = iter(batches)
     empties = [EMPTY_I64] * T
 
@@ -51,13 +55,9 @@ def plan_none(trainers: int, servers: int, batches: Iterable[np.ndarray]) -> Ite
                 wait_through_stage=i - 1 if i >= 0 else -2,
             ))
         total_reads = int(sum(g.size for g in grads))
-        stats = {
-            "stage": i, "reads": total_reads, "fetched": int(sum(f.size for f in fetch)),
-            "fetched_per_trainer": [int(f.size) for f in fetch], "written_back": 0,
-            "gradients": total_reads, "capacity_evictions": 0, "postponed": 0,
-            "occupancy": [0] * T, "exchange_rows": 0,
-        }
-        return IterationPlan(i, tps, _server_plans(i, servers, T, list(empties), list(fetch), list(grads)), stats)
+        stats = PlanStats(stage=i, reads=total_reads, fetched=int(sum(f.size for f in fetch)),
+                          fetched_per_trainer=[int(f.size) for f in fetch], gradients=total_reads, occupancy=[0] * T)
+        return IterationPlan(i, tps, server_plans(i, placement, list(empties), list(fetch), list(grads)), stats)
 
     index = 0
     try:

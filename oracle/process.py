@@ -1,10 +1,12 @@
 """The oracle role: a thin loop around the pure planners.
 
-It reads the sparse ids of the training data ahead, runs the planner, and ships
-each iteration's plans to trainers and servers through bounded queues (so it runs
-ahead of training, but not unboundedly). A second thread, on its own process
-group, collects the per-iteration reports of trainers and servers, combines the
-digest parts and writes the run directory: the oracle is the one writer.
+It reads the sparse ids of the training data ahead (only the sparse columns),
+runs the planner, and ships each iteration's plans to trainers and servers
+through bounded queues (so it runs ahead of training, but not unboundedly), in
+their compact wire form (bagpipe.plan.PlanMessage), counting the bytes. A second
+thread, on its own process group, collects the per-iteration reports of trainers
+and servers, combines the digest parts and writes the run directory: the oracle
+is the one writer.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import numpy as np
 import torch.distributed as dist
 
 from bagpipe import faults, wire
-from bagpipe.config import RunConfig
-from bagpipe.metrics import RunWriter, auc, logloss, peak_rss_kb
-from bagpipe.oracle.plan import ServerPlan, server_of
+from bagpipe.config import Mode, RunConfig
+from bagpipe.digest import final_digest, iteration_digest
+from bagpipe.errors import PeerError
+from bagpipe.metrics import auc, logloss, peak_rss_kb
+from bagpipe.placement import Placement
+from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, server_plans
 from bagpipe.rows import RowSpace
-from bagpipe.server import STOP_STAGE
-from bagpipe.transport import Groups, PeerError, Roles, recv_array, send_array, wait
-from bagpipe.trainers.common import final_digest, iteration_digest
-from bagpipe.trainers.data import RunData
+from bagpipe.rundata import RunData
+from bagpipe.rundir import RunWriter
+from bagpipe.transport import Groups, Roles, recv_bytes, send_bytes, wait
 
 QUEUE_DEPTH = 32  # plans in flight per destination
+LENGTH_PREFIX_BYTES = 8  # every plan message travels after its int64 length
 
 
 class PlanSender:
@@ -36,12 +41,12 @@ class PlanSender:
         self.roles, self.group = roles, group
         self.in_flight: dict[int, deque] = {}
 
-    def send(self, dst: int, flat: np.ndarray) -> None:
+    def send(self, dst: int, payload: np.ndarray) -> None:
         queue = self.in_flight.setdefault(dst, deque())
         while len(queue) >= QUEUE_DEPTH:
             for work, *_ in queue.popleft():
                 wait(work, f"oracle: plan delivery to {self.roles.describe(dst)}")
-        queue.append(send_array(flat, dst, self.group))
+        queue.append(send_bytes(payload, dst, self.group))
 
     def drain(self) -> None:
         for dst, queue in self.in_flight.items():
@@ -50,40 +55,36 @@ class PlanSender:
                     wait(work, f"oracle: plan delivery to {self.roles.describe(dst)}")
 
 
-def _key_batches(cfg: RunConfig, data: RunData, rows: RowSpace):
+def _key_batches(data: RunData, rows: RowSpace):
     for batch in data.train_batches(columns="sparse"):
         yield np.ascontiguousarray(rows.keys_of(batch.sparse))
 
 
 def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace):
     T, S = cfg.cluster.trainers, cfg.cluster.servers
-    batches = _key_batches(cfg, data, rows)
-    if cfg.cluster.mode == "none":
+    batches = _key_batches(data, rows)
+    if cfg.cluster.mode is Mode.NONE:
         from bagpipe.oracle.nocache import plan_none
 
         return plan_none(T, S, batches)
-    from bagpipe.oracle.lrpp import PlannerConfig, default_prefetch_distance, plan_lrpp
+    from bagpipe.oracle.lrpp import PlannerConfig, plan_lrpp
 
-    distance = cfg.cluster.prefetch_distance or default_prefetch_distance(cfg.cluster.lookahead)
-    pcfg = PlannerConfig(trainers=T, servers=S, lookahead=cfg.cluster.lookahead, prefetch_distance=distance,
-                         cache_rows=cfg.cluster.cache_rows, total_rows=rows.total_rows)
+    pcfg = PlannerConfig(trainers=T, servers=S, lookahead=cfg.cluster.lookahead,
+                         prefetch_distance=cfg.cluster.prefetch_distance, cache_rows=cfg.cluster.cache_rows,
+                         total_rows=rows.total_rows)
     return plan_lrpp(pcfg, batches)
 
 
 def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, first_stage: int):
     """Read-only stages: per eval batch, how many rows each trainer fetches from each server."""
-    T, S = cfg.cluster.trainers, cfg.cluster.servers
+    T = cfg.cluster.trainers
     per = cfg.data.batch_size // T
-    stage = first_stage
-    for batch in data.eval_batches():
+    placement = Placement(cfg.cluster.servers)
+    empty = [EMPTY_I64] * T
+    for stage, batch in enumerate(data.eval_batches(columns="sparse"), start=first_stage):
         keys = rows.keys_of(batch.sparse)
-        counts = np.zeros((S, T), dtype=np.int64)
-        for k in range(T):
-            uniq = np.unique(keys[k * per:(k + 1) * per])
-            counts[:, k] = np.bincount(server_of(uniq, S), minlength=S)
-        zeros = np.zeros(T, dtype=np.int64)
-        yield [ServerPlan(stage, j, zeros, zeros, counts[j], read_only=1) for j in range(S)]
-        stage += 1
+        reads = [np.unique(keys[k * per:(k + 1) * per]) for k in range(T)]
+        yield server_plans(stage, placement, empty, reads, read_only=True)
 
 
 def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> None:
@@ -93,6 +94,7 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
     thread = threading.Thread(target=collector.run, name="metrics", daemon=True)
     thread.start()
     sender = PlanSender(roles, groups.plan)
+    ship_keys = cfg.cluster.mode is Mode.BAGPIPE  # `none` trainers read their next keys themselves
     plan_time, plan_cpu, planned = 0.0, 0.0, 0
     planner = make_planner(cfg, data, rows)
     while True:
@@ -105,25 +107,31 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
         if faults.active("early_read") and item.iteration >= 1:
             for plan in item.trainers:  # read rows one stage before their fetch lands
                 plan.wait_through_stage = min(plan.wait_through_stage, item.iteration - 1) - 1
+        messages = []
         for k, plan in enumerate(item.trainers):
-            sender.send(roles.trainers[k], plan.encode())
-        for j, plan in enumerate(item.servers):
-            sender.send(roles.servers[j], plan.encode())
-        collector.plan_stats[item.iteration] = item.stats
+            if not ship_keys:
+                plan.fetch_keys, plan.fetch_slots = EMPTY_I64, EMPTY_I64
+            messages.append((roles.trainers[k], PlanMessage.from_plan(plan, cfg.cluster.trainers,
+                                                                        rows.total_rows).encode()))
+        messages += [(roles.servers[j], plan.encode()) for j, plan in enumerate(item.servers)]
+        # recorded before sending: the iteration's reports can only come after its plans
+        collector.plan_stats[item.iteration] = (item.stats, sum(m.nbytes + LENGTH_PREFIX_BYTES for _, m in messages))
+        for dst, payload in messages:
+            sender.send(dst, payload)
         planned += 1
     # wall-clock rate (shares the cores with every other role) and per CPU-second of
     # the planning thread (what the planner itself sustains)
-    collector.planning = {"plan_seconds": plan_time, "plan_cpu_seconds": plan_cpu, "planned_iterations": planned - 1,
-                          "plan_batches_per_s": (planned - 1) / plan_time if plan_time else 0.0,
-                          "plan_batches_per_cpu_s": (planned - 1) / plan_cpu if plan_cpu else 0.0,
-                          "plan_ids_per_s": (planned - 1) * cfg.data.batch_size * cfg.model.num_tables / plan_time
+    n = planned - 1
+    collector.planning = {"plan_seconds": plan_time, "plan_cpu_seconds": plan_cpu, "planned_iterations": n,
+                          "plan_batches_per_s": n / plan_time if plan_time else 0.0,
+                          "plan_batches_per_cpu_s": n / plan_cpu if plan_cpu else 0.0,
+                          "plan_ids_per_s": n * cfg.data.batch_size * cfg.model.num_tables / plan_time
                           if plan_time else 0.0}
     for plans in eval_server_plans(cfg, data, rows, data.num_train_batches):
         for j, plan in enumerate(plans):
             sender.send(roles.servers[j], plan.encode())
-    zeros = np.zeros(cfg.cluster.trainers, dtype=np.int64)
     for j in range(cfg.cluster.servers):
-        sender.send(roles.servers[j], ServerPlan(STOP_STAGE, j, zeros, zeros, zeros).encode())
+        sender.send(roles.servers[j], ServerPlan.stop(j, cfg.cluster.trainers).encode())
     sender.drain()
     thread.join()
     if collector.error is not None:
@@ -132,12 +140,16 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
     writer.summary(collector.summary)
 
 
+TIME_FIELDS = ("time_data", "time_plan", "time_wait", "time_compute", "time_exchange", "time_update", "time_iter")
+SUMMED_FIELDS = ("rows_read", "rows_fetched", "rows_written_back", "bytes_exchange", "bytes_dense")
+
+
 class MetricsCollector:
     """Receives per-iteration reports and writes metrics.jsonl and summary.json."""
 
     def __init__(self, cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, writer: RunWriter):
         self.cfg, self.roles, self.groups, self.data, self.writer = cfg, roles, groups, data, writer
-        self.plan_stats: dict[int, dict] = {}
+        self.plan_stats: dict[int, tuple[PlanStats, int]] = {}
         self.planning: dict = {}
         self.summary: dict = {}
         self.error: BaseException | None = None
@@ -156,9 +168,10 @@ class MetricsCollector:
     def _run(self) -> None:
         cfg, roles = self.cfg, self.roles
         n = self.data.num_train_batches
-        totals = {"rows_fetched": 0, "rows_written_back": 0, "bytes_moved": 0, "rows_read": 0,
-                  "rows_from_cache": 0, "bytes_exchange": 0}
-        train_time, wait_time, loss = 0.0, 0.0, float("nan")
+        totals = dict.fromkeys(("rows_fetched", "rows_written_back", "bytes_moved", "rows_read", "bytes_exchange",
+                                "bytes_plan", "bytes_dense"), 0)
+        wait_time, loss, elapsed = 0.0, float("nan"), 0.0
+        boot_plan_bytes = 0
 
         for i in range(n):
             reports = [self._recv(r, wire.TRAINER_FIELDS, f"iteration {i} report") for r in roles.trainers]
@@ -168,23 +181,26 @@ class MetricsCollector:
                     raise PeerError(f"oracle: report of iteration {rep['iter']}, expected {i}")
             rows_digest = (sum(r["rows_digest"] for r in reports) + sum(s["rows_digest"] for s in servers)) % (1 << 64)
             loss = reports[0]["loss"]
-            digest = iteration_digest(loss, reports[0]["dense_digest"], rows_digest)
-            time_iter = max(r["time_iter"] for r in reports)
-            train_time += time_iter
-            wait_time += max(r["time_wait"] for r in reports)
-            record = {"iter": i, "loss": loss, "digest": digest, "time_iter": round(time_iter, 6)}
-            for name in ("time_wait", "time_compute", "time_exchange", "time_update"):
+            record = {"iter": i, "loss": loss, "digest": iteration_digest(loss, reports[0]["dense_digest"], rows_digest)}
+            # trainers run in lockstep: the slowest one's clock is the iteration's
+            for name in TIME_FIELDS:
                 record[name] = round(max(r[name] for r in reports), 6)
-            for name in ("rows_read", "rows_fetched", "rows_from_cache", "bytes_exchange"):
+            elapsed = max(r["elapsed"] for r in reports)
+            record["elapsed"] = round(elapsed, 6)
+            wait_time += record["time_wait"]
+            for name in SUMMED_FIELDS:
                 record[name] = sum(r[name] for r in reports)
-            record["rows_written_back"] = sum(r["rows_written_back"] for r in reports)
             record["bytes_moved"] = sum(s["bytes_in"] + s["bytes_out"] for s in servers)
-            if cfg.cluster.mode == "bagpipe":
+            if cfg.cluster.mode is Mode.BAGPIPE:
                 record["cache_occupancy"] = [r["cache_occupancy"] for r in reports]
-            stats = self.plan_stats.pop(i, {}) or {}
-            for name in ("capacity_evictions", "postponed", "exchange_rows"):
-                if name in stats:
-                    record[f"plan_{name}"] = stats[name]
+            stats, plan_bytes = self.plan_stats.pop(i, (None, 0))
+            if i == 0:  # the bootstrap stage's plans are part of the first iteration
+                boot_plan_bytes = self.plan_stats.pop(-1, (None, 0))[1]
+            record["bytes_plan"] = plan_bytes + boot_plan_bytes * (i == 0)
+            if stats is not None and cfg.cluster.mode is Mode.BAGPIPE:
+                record["plan_capacity_evictions"] = stats.capacity_evictions
+                record["plan_postponed"] = stats.postponed
+                record["plan_exchange_rows"] = stats.exchange_rows
             for name in totals:
                 totals[name] += record.get(name, 0)
             self.writer.log(record)
@@ -192,7 +208,7 @@ class MetricsCollector:
         eval_scores, eval_labels = [], []
         for r in roles.trainers:
             for out in (eval_scores, eval_labels):
-                out.append(recv_array(r, self.groups.metrics, f"oracle: eval results from {roles.describe(r)}")
+                out.append(recv_bytes(r, self.groups.metrics, f"oracle: eval results from {roles.describe(r)}")
                            .view(np.float64))
         finals = [self._recv(r, wire.FINAL_TRAINER_FIELDS, "final report") for r in roles.trainers]
         server_finals = [self._recv(r, wire.FINAL_SERVER_FIELDS, "final digest") for r in roles.servers]
@@ -202,12 +218,14 @@ class MetricsCollector:
         rows_digest = sum(s["rows_digest"] for s in server_finals) % (1 << 64)
         scores, labels = np.concatenate(eval_scores), np.concatenate(eval_labels)
         self.summary = {
-            "mode": cfg.cluster.mode,
+            "mode": str(cfg.cluster.mode),
             "trainers": cfg.cluster.trainers,
             "servers": cfg.cluster.servers,
             "iters": n,
-            "samples_per_s": n * cfg.data.batch_size / train_time if train_time else 0.0,
-            "wait_share": wait_time / train_time if train_time else 0.0,
+            # wall clock of the training loop (slowest trainer), everything included
+            "samples_per_s": n * cfg.data.batch_size / elapsed if elapsed else 0.0,
+            "train_seconds": elapsed,
+            "wait_share": wait_time / elapsed if elapsed else 0.0,
             "final_loss": loss,
             "auc": auc(labels, scores) if labels.size else float("nan"),
             "logloss": logloss(labels, scores) if labels.size else float("nan"),

@@ -29,6 +29,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from bagpipe.datasets.zipf import ZipfSampler
+
+from bagpipe.config import CacheSize
+
 from .lrpp import PlanError, PlannerConfig, plan_lrpp
 
 SWEEP_LOOKAHEADS = (1, 2, 4, 8, 16, 32, 64)
@@ -38,23 +42,17 @@ SWEEP_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20)
 def zipf_key_batches(cardinalities: Sequence[int], batch_size: int, iterations: int, exponent: float = 1.05,
                      seed: int = 0) -> list[np.ndarray]:
     """Synthetic global batches of row keys ([B, tables] int64) for tests and
-    benchmarks: per table a bounded Zipf(exponent) over ranks 1..n (inverse CDF),
-    ranks mapped to ids by a fixed random permutation; keys = table offset + id."""
+    benchmarks: per table a bounded Zipf(exponent) over ranks 1..n (the generator's
+    `ZipfSampler`), ranks mapped to ids by a fixed random permutation; keys = table
+    offset + id."""
     rng = np.random.default_rng(seed)
     cards = [int(c) for c in cardinalities]
     offsets = np.concatenate([[0], np.cumsum(cards)[:-1]]).astype(np.int64)
-    cdfs, perms = [], []
-    for n in cards:
-        w = np.arange(1, n + 1, dtype=np.float64) ** -exponent
-        c = np.cumsum(w)
-        cdfs.append(c / c[-1])
-        perms.append(rng.permutation(n).astype(np.int64))
+    samplers = [ZipfSampler(n, exponent) for n in cards]
+    perms = [rng.permutation(n).astype(np.int64) for n in cards]
     out = []
     for _ in range(iterations):
-        cols = []
-        for t, n in enumerate(cards):
-            rank = np.minimum(np.searchsorted(cdfs[t], rng.random(batch_size), side="right"), n - 1)
-            cols.append(perms[t][rank] + offsets[t])
+        cols = [perms[t][samplers[t].ranks(rng.random(batch_size))] + offsets[t] for t in range(len(cards))]
         out.append(np.stack(cols, axis=1))
     return out
 
@@ -74,24 +72,6 @@ def load_keys(data: str, batch_size: int, iters: int | None) -> tuple[list[np.nd
     reader = BatchReader(parts, batch_size, columns="sparse", max_batches=iters)
     keys = [np.ascontiguousarray(space.keys_of(b.sparse)) for b in reader]
     return keys, space.total_rows, list(meta.cardinalities)
-
-
-def parse_cache_rows(text: str | None, total_rows: int, trainers: int) -> int | None:
-    """'none'/'unlimited' -> None, 'P%' -> P% of all rows split over the trainers, N -> N."""
-    if text is None:
-        return None
-    t = str(text).strip().lower()
-    if t in ("none", "unlimited", "inf"):
-        return None
-    if t.endswith("%"):
-        frac = float(t[:-1]) / 100.0
-        if frac <= 0:
-            raise ValueError(f"cache fraction must be positive, got {text!r}")
-        return max(1, math.ceil(frac * total_rows / trainers))
-    n = int(t)
-    if n < 1:
-        raise ValueError(f"--cache-rows must be >= 1, got {text!r}")
-    return n
 
 
 @dataclass
@@ -161,19 +141,19 @@ def run_plans(cfg: PlannerConfig, batches: Sequence[np.ndarray]) -> Summary:
     w0, c0 = time.perf_counter(), time.process_time()
     for plan in plan_lrpp(cfg, batches):
         st = plan.stats
-        summ.reads += st["reads"]
-        summ.fetched += st["fetched"]
-        summ.written_back += st["written_back"]
-        summ.exchange_rows += st["exchange_rows"]
-        summ.capacity_evictions += st["capacity_evictions"]
-        summ.postponed += st["postponed"]
-        summ.fetched_one_ahead += st.get("fetched_one_ahead", 0)
-        f_t += st["fetched_per_trainer"]
-        w_t += st["written_back_per_trainer"]
-        x_t += st["exchange_sent_per_trainer"]
+        summ.reads += st.reads
+        summ.fetched += st.fetched
+        summ.written_back += st.written_back
+        summ.exchange_rows += st.exchange_rows
+        summ.capacity_evictions += st.capacity_evictions
+        summ.postponed += st.postponed
+        summ.fetched_one_ahead += st.fetched_one_ahead
+        f_t += st.fetched_per_trainer
+        w_t += st.written_back_per_trainer
+        x_t += st.exchange_sent_per_trainer
         if plan.iteration >= 0:
             summ.iterations += 1
-            occ = np.asarray(st["occupancy"])
+            occ = np.asarray(st.occupancy)
             peak = np.maximum(peak, occ)
             occ_sum += occ
     summ.wall_seconds = time.perf_counter() - w0
@@ -210,7 +190,7 @@ def format_summary(s: Summary) -> str:
 
 
 def scaling_study(trainer_counts: Iterable[int], batches: Sequence[np.ndarray], total_rows: int, servers: int,
-                  lookahead: int, prefetch_distance: int | None, cache_rows: str | None) -> list[dict]:
+                  lookahead: int, prefetch_distance: int | None, cache_rows: str) -> list[dict]:
     """One summary per trainer count, with per-trainer volumes per iteration."""
     rows = []
     B = int(batches[0].shape[0]) if len(batches) else 0
@@ -222,7 +202,7 @@ def scaling_study(trainer_counts: Iterable[int], batches: Sequence[np.ndarray], 
             continue
         try:
             cfg = PlannerConfig(T, servers, lookahead, prefetch_distance,
-                                parse_cache_rows(cache_rows, total_rows, T), total_rows)
+                                CacheSize.parse(cache_rows).rows_per_trainer(total_rows, T), total_rows)
             s = run_plans(cfg, batches)
         except PlanError as err:
             rec["status"] = f"plan error: {err}"
@@ -255,7 +235,7 @@ def sweep(batches: Sequence[np.ndarray], total_rows: int, trainers: int, servers
     for L in lookaheads:
         D = min(prefetch_distance, L) if prefetch_distance is not None else None
         for frac in fractions:
-            R = None if frac is None else max(1, math.ceil(frac * total_rows / trainers))
+            R = CacheSize(percent=100 * frac if frac is not None else None).rows_per_trainer(total_rows, trainers)
             rec = {"lookahead": L, "cache_fraction": "" if frac is None else frac,
                    "cache_rows": "" if R is None else R, "trainers": trainers}
             try:
@@ -377,13 +357,6 @@ def plot_scaling(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def criteo_like_tables(scale: float = 0.01, minimum: int = 4) -> list[int]:
-    """Criteo Kaggle's 26 table sizes times `scale`, at least `minimum` rows each."""
-    from bagpipe.datasets.synthetic import CRITEO_KAGGLE_TABLES
-
-    return [max(minimum, int(round(c * scale))) for c in CRITEO_KAGGLE_TABLES]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Benchmark on a synthetic Criteo-like Zipf workload (no dataset needed):
     ``python -m bagpipe.oracle.simulate --iters 500``."""
@@ -396,21 +369,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, default=2)
     p.add_argument("--lookahead", type=int, default=8)
     p.add_argument("--prefetch-distance", type=int, default=2)
-    p.add_argument("--cache", default="10%", help="rows per trainer, P%% of all rows, or none")
+    p.add_argument("--cache-rows", default="10%",
+                   help="R owned rows per trainer, P%% of all rows (the caches together), or 'unlimited'")
     p.add_argument("--evict-ahead", type=int, default=1)
     p.add_argument("--zipf", type=float, default=1.05)
     p.add_argument("--scale", type=float, default=0.01, help="Criteo Kaggle table sizes times this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", action="store_true", help="also replay the plans in the reference checker")
     a = p.parse_args(argv)
-    cards = criteo_like_tables(a.scale)
+    from bagpipe.datasets.synthetic import scaled_tables  # imports pyarrow: only for this benchmark
+
+    cards = scaled_tables(a.scale)
     total = sum(cards)
     t0 = time.perf_counter()
     batches = zipf_key_batches(cards, a.batch_size, a.iters, a.zipf, a.seed)
     print(f"{len(cards)} tables, {total} rows, Zipf {a.zipf}: generated {a.iters} batches of {a.batch_size} "
           f"in {time.perf_counter() - t0:.1f} s")
     cfg = PlannerConfig(a.trainers, a.servers, a.lookahead, a.prefetch_distance,
-                        parse_cache_rows(a.cache, total, a.trainers), total, evict_ahead=a.evict_ahead)
+                        CacheSize.parse(a.cache_rows).rows_per_trainer(total, a.trainers), total, evict_ahead=a.evict_ahead)
     s = run_plans(cfg, batches)
     print(format_summary(s))
     if a.verify:

@@ -4,7 +4,7 @@
 maps per trainer, owner / fetch stage / write-back stage per row) and the timing of
 fetch answers (a trainer has the answers of stage f in its slots once it waited
 through f, i.e. once a plan with ``wait_through_stage >= f`` was reached), following
-the trainer loop of oracle/plan.py step by step, and raises AssertionError naming
+the trainer loop (bagpipe/plan.py, trainers/cached.py) step by step, and raises AssertionError naming
 the stage, trainer, key and rule on the first violation:
 
 - reads / positions that disagree with the data (sorted unique keys of the slice);
@@ -33,7 +33,10 @@ from typing import Iterable
 
 import numpy as np
 
-from .lrpp import IterationPlan, PlannerConfig
+from bagpipe.placement import Placement
+from bagpipe.plan import IterationPlan
+
+from .lrpp import PlannerConfig
 
 
 def _fail(where: str, msg: str) -> None:
@@ -83,6 +86,7 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
     if mode not in ("lrpp", "none"):
         raise ValueError(f"mode must be 'lrpp' or 'none', got {mode!r}")
     T, S, R = cfg.trainers, cfg.servers, cfg.cache_rows
+    placement = Placement(S)
     if mode == "none":
         R = None
     n_rows = cfg.total_rows
@@ -152,7 +156,7 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
             else:
                 _expect_equal(w, "reads (sorted unique keys of the slice)", reads, cur[k])
         if mode == "none":
-            _check_none(where, s, tps, plan, cur, nxt, S, T)
+            _check_none(where, s, tps, plan, cur, nxt, placement, T)
             report["fetched"] += int(sum(np.asarray(tp.fetch_keys).size for tp in tps))
             if s >= 0:
                 report["reads"] += int(sum(c.size for c in cur))
@@ -261,8 +265,8 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
                 w = f"{where}, server {j}"
                 if sp.stage != s or sp.server != j:
                     _fail(w, f"server plan labelled stage {sp.stage}, server {sp.server}")
-                want_wb = np.array([np.count_nonzero(k_ % S == j) for k_ in wb_keys_all])
-                want_f = np.array([np.count_nonzero(k_ % S == j) for k_ in fetch_keys_all])
+                want_wb = np.array([placement.counts(k_)[j] for k_ in wb_keys_all])
+                want_f = np.array([placement.counts(k_)[j] for k_ in fetch_keys_all])
                 _expect_equal(w, "writeback_counts", _ints(w, "writeback_counts", sp.writeback_counts), want_wb)
                 _expect_equal(w, "fetch_counts", _ints(w, "fetch_counts", sp.fetch_counts), want_f)
                 _expect_equal(w, "grad_counts", _ints(w, "grad_counts", sp.grad_counts), np.zeros(T, np.int64))
@@ -377,7 +381,7 @@ def _check_iteration(where, s, tps, cur, owner, fetch_stage, trainers, T) -> int
     return exchanged
 
 
-def _check_none(where, s, tps, plan, cur, nxt, S, T) -> None:
+def _check_none(where, s, tps, plan, cur, nxt, placement: Placement, T) -> None:
     for k, tp in enumerate(tps):
         w = f"{where}, trainer {k} (none mode)"
         for name in ("owned_pos", "owned_slots", "update_slots", "update_keys", "writeback_slots", "writeback_keys"):
@@ -397,7 +401,7 @@ def _check_none(where, s, tps, plan, cur, nxt, S, T) -> None:
         grads = [c for c in cur] if cur is not None else [np.zeros(0, np.int64)] * T
         fetch = [n_ for n_ in nxt] if nxt is not None else [np.zeros(0, np.int64)] * T
         _expect_equal(w, "grad_counts", np.asarray(sp.grad_counts, np.int64),
-                      np.array([np.count_nonzero(g % S == j) for g in grads], np.int64))
+                      np.array([placement.counts(g)[j] for g in grads], np.int64))
         _expect_equal(w, "fetch_counts", np.asarray(sp.fetch_counts, np.int64),
-                      np.array([np.count_nonzero(f % S == j) for f in fetch], np.int64))
+                      np.array([placement.counts(f)[j] for f in fetch], np.int64))
         _expect_equal(w, "writeback_counts", np.asarray(sp.writeback_counts, np.int64), np.zeros(T, np.int64))

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import SMALL_MODEL, TINY_BATCH
 
+pytestmark = pytest.mark.distributed  # real torchrun worlds: the slow tier
+
 
 def _bench_args(data, out, *extra):
     return ["bench", "--data", data, "--out", str(out), "--iters", "6", "--warmup", "2", "--repeats", "1",

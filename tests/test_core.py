@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from bagpipe.embedding import slice_keys, sum_contributions, union_of
-from bagpipe.hashing import bytes_digest, rows_digest
+from bagpipe.digest import bytes_digest, rows_digest
 from bagpipe.rows import RowSpace
-from bagpipe.trainers.step import ordered_sum
+from bagpipe.trainers.reduction import ordered_sum
 
 
 def test_row_init_independent_of_which_rows_are_asked():

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import compare, run_local, run_torchrun
 
+pytestmark = pytest.mark.distributed  # real torchrun worlds: the slow tier
+
 ITERS = 12
 
 # (trainers, servers, lookahead, prefetch distance, cache rows, optimizer, model);
@@ -82,3 +84,18 @@ def test_capacity_too_small_is_a_clear_error(tiny_data, tmp_path):
     proc = run_torchrun(tiny_data, str(tmp_path / "run"), "bagpipe", 2, 1, "--cache-rows", "20", check=False)
     assert proc.returncode != 0
     assert "cache capacity too small" in proc.stderr and "--cache-rows" in proc.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad"])
+def test_initial_accumulator_is_the_same_state_everywhere(tiny_data, tmp_path, optimizer):
+    """Servers, caches and `local` create optimizer state in one place (SparseOptimizer)."""
+    args = ["--optimizer", optimizer, "--initial-accumulator", "0.1"]
+    run_local(tiny_data, str(tmp_path / "local"), "--trainers", "3", *args, iters=ITERS)
+    run_local(tiny_data, str(tmp_path / "zero"), "--trainers", "3", "--optimizer", optimizer, iters=ITERS)
+    run_torchrun(tiny_data, str(tmp_path / "none"), "none", 3, 2, *args, iters=ITERS)
+    run_torchrun(tiny_data, str(tmp_path / "bagpipe"), "bagpipe", 3, 2, *args, "--cache-rows", "130",
+                 "--lookahead", "7", iters=ITERS)
+    for other in ("none", "bagpipe"):
+        same, message = compare(str(tmp_path / "local"), str(tmp_path / other))
+        assert same, f"{other}: {message}"
+    assert not compare(str(tmp_path / "local"), str(tmp_path / "zero"))[0], "the accumulator must matter"

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import compare, run_local, run_torchrun
 
+pytestmark = pytest.mark.distributed  # real torchrun worlds: the slow tier
+
 
 def test_none_matches_local_at_two_trainers_two_servers(tiny_data, tmp_path):
     run_local(tiny_data, str(tmp_path / "local"), "--trainers", "2", "--optimizer", "adagrad")

@@ -6,7 +6,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import compare, run_torchrun, train_args
+
+pytestmark = pytest.mark.distributed  # real torchrun worlds: the slow tier
 
 
 def _free_port() -> int:

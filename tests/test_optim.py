@@ -1,9 +1,10 @@
-"""The shared sparse optimizers against torch.optim and a float64 reference."""
+"""The shared sparse optimizer against torch.optim and a float64 reference."""
 
 import pytest
 import torch
 
-from bagpipe.optim import apply_rows, initial_state, state_dim, update_table_rows
+from bagpipe.config import OptimizerConfig, OptimizerKind
+from bagpipe.optim import SparseOptimizer
 
 
 def _steps(n=7, d=5, steps=4, seed=0):
@@ -18,11 +19,12 @@ def test_sgd_matches_torch_bitwise(lr):
     w0, grads = _steps()
     ref = torch.nn.Parameter(w0.clone())
     opt = torch.optim.SGD([ref], lr=lr, foreach=False)
-    ours, state = w0.clone(), initial_state("sgd", *w0.shape)
+    sgd = SparseOptimizer(OptimizerKind.SGD, w0.shape[1])
+    ours, state = w0.clone(), sgd.initial_state(w0.shape[0])
     for g in grads:
         ref.grad = g.clone()
         opt.step()
-        apply_rows("sgd", ours, state, g, lr)
+        sgd.apply(ours, state, g, lr)
     assert torch.equal(ours, ref.detach())
 
 
@@ -31,21 +33,23 @@ def test_adagrad_matches_torch_bitwise(acc):
     w0, grads = _steps()
     ref = torch.nn.Parameter(w0.clone())
     opt = torch.optim.Adagrad([ref], lr=0.05, eps=1e-10, initial_accumulator_value=acc, foreach=False)
-    ours, state = w0.clone(), initial_state("adagrad", *w0.shape, initial_accumulator=acc)
+    adagrad = SparseOptimizer(OptimizerKind.ADAGRAD, w0.shape[1], eps=1e-10, initial_accumulator=acc)
+    ours, state = w0.clone(), adagrad.initial_state(w0.shape[0])
     for g in grads:
         ref.grad = g.clone()
         opt.step()
-        apply_rows("adagrad", ours, state, g, 0.05, 1e-10)
+        adagrad.apply(ours, state, g, 0.05)
     assert torch.equal(ours, ref.detach())
     assert torch.equal(state, opt.state[ref]["sum"])
 
 
 def test_rowwise_adagrad_matches_float64_formula():
     w0, grads = _steps()
-    ours, state = w0.clone(), initial_state("rowwise_adagrad", *w0.shape)
-    ref_w, ref_s = w0.double(), torch.zeros(w0.shape[0], 1, dtype=torch.float64)
+    rowwise = SparseOptimizer(OptimizerKind.ROWWISE_ADAGRAD, w0.shape[1], eps=1e-10, initial_accumulator=0.25)
+    ours, state = w0.clone(), rowwise.initial_state(w0.shape[0])
+    ref_w, ref_s = w0.double(), torch.full((w0.shape[0], 1), 0.25, dtype=torch.float64)
     for g in grads:
-        apply_rows("rowwise_adagrad", ours, state, g, 0.05, 1e-10)
+        rowwise.apply(ours, state, g, 0.05)
         g64 = g.double()
         ref_s += (g64 * g64).mean(1, keepdim=True)
         ref_w -= 0.05 * g64 / (ref_s.sqrt() + 1e-10)
@@ -53,23 +57,28 @@ def test_rowwise_adagrad_matches_float64_formula():
     assert torch.allclose(ours.double(), ref_w, rtol=1e-5, atol=1e-6)
 
 
-def test_state_dims():
-    assert state_dim("sgd", 16) == 0
-    assert state_dim("adagrad", 16) == 16
-    assert state_dim("rowwise_adagrad", 16) == 1
+def test_state_layout_from_config():
+    assert SparseOptimizer(OptimizerKind.SGD, 16).state_dim == 0
+    assert SparseOptimizer(OptimizerKind.ADAGRAD, 16).state_dim == 16
+    assert SparseOptimizer(OptimizerKind.ROWWISE_ADAGRAD, 16).state_dim == 1
+    opt = SparseOptimizer.from_config(OptimizerConfig(sparse="adagrad", initial_accumulator=0.5, eps=1e-8), 3)
+    assert opt.kind is OptimizerKind.ADAGRAD and opt.eps == 1e-8
+    assert torch.equal(opt.initial_state(2), torch.full((2, 3), 0.5))
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad"])
-def test_update_table_rows_touches_only_given_slots(kind):
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+def test_update_rows_touches_only_given_slots(kind):
+    opt = SparseOptimizer(kind, 4, initial_accumulator=0.1)
     table = torch.randn(10, 4)
-    state = initial_state(kind, 10, 4)
+    state = opt.initial_state(10)
     before, state_before = table.clone(), state.clone()
     slots = torch.tensor([1, 7, 3])
     grads = torch.randn(3, 4)
-    update_table_rows(kind, table, state, slots, grads, 0.1, 1e-10)
+    values, new_state = opt.update_rows(table, state, slots, grads, 0.1)
     untouched = torch.tensor([0, 2, 4, 5, 6, 8, 9])
     assert torch.equal(table[untouched], before[untouched])
     assert torch.equal(state[untouched], state_before[untouched])
     expected, expected_state = before[slots].clone(), state_before[slots].clone()
-    apply_rows(kind, expected, expected_state, grads, 0.1, 1e-10)
-    assert torch.equal(table[slots], expected)
+    opt.apply(expected, expected_state, grads, 0.1)
+    assert torch.equal(table[slots], expected) and torch.equal(values, expected)
+    assert torch.equal(new_state, expected_state)

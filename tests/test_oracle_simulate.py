@@ -15,7 +15,7 @@ import pytest
 from bagpipe.datasets.format import PART_PATTERN, DatasetMeta
 from bagpipe.oracle import cli as oracle_cli
 from bagpipe.oracle.lrpp import PlannerConfig
-from bagpipe.oracle.simulate import load_keys, parse_cache_rows, run_plans, zipf_key_batches
+from bagpipe.oracle.simulate import load_keys, run_plans, zipf_key_batches
 
 CARDS = [20, 300, 1500, 7]
 
@@ -113,10 +113,7 @@ def test_simulate_errors(dataset, tmp_path, capsys):
         run_cli(["simulate", "--data", str(tmp_path / "missing"), "--batch-size", "64"])
 
 
-def test_parse_cache_rows_and_summary():
-    assert parse_cache_rows("none", 1000, 2) is None
-    assert parse_cache_rows("10%", 1000, 2) == 50
-    assert parse_cache_rows("7", 1000, 2) == 7
+def test_summary():
     bs = zipf_key_batches([50, 500], 32, 20, seed=2)
     s = run_plans(PlannerConfig(2, 1, 4, 2, None, 550), bs)
     d = s.as_dict()

@@ -27,7 +27,7 @@ def data():
     cfg = PlannerConfig(T, S, 7, 2, math.ceil(bound / T), TOTAL)
     plans = list(plan_lrpp(cfg, bs))
     verify_plans(cfg, bs, plans)  # the uncorrupted plans pass
-    assert sum(p.stats["capacity_evictions"] for p in plans) > 0
+    assert sum(p.stats.capacity_evictions for p in plans) > 0
     return cfg, bs, plans
 
 

@@ -1,4 +1,4 @@
-"""Pieces every training loop shares: dense state, digests, evaluation, timing."""
+"""Pieces every training loop shares: the dense state, evaluation, and the clock."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import numpy as np
 import torch
 
 from bagpipe.config import RunConfig
+from bagpipe.digest import dense_digest
 from bagpipe.embedding import slice_keys
-from bagpipe.hashing import bytes_digest, combine
 from bagpipe.metrics import auc, logloss
 from bagpipe.models import build_model
 from bagpipe.optim import build_dense_optimizer, set_lr
 from bagpipe.rows import RowSpace
 from bagpipe.trainers.step import flat_params, forward_logits, set_dense_grads
+
+PHASES = ("data", "plan", "wait", "compute", "exchange", "update")
 
 
 @dataclass
@@ -31,30 +33,17 @@ class DenseState:
         model = build_model(cfg.model, cfg.seed)
         return cls(model, build_dense_optimizer(flat_params(model), cfg.optimizer))
 
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in flat_params(self.model))
+
     def step(self, summed_grad: torch.Tensor, lr: float) -> None:
         set_dense_grads(self.model, summed_grad)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
 
     def digest(self, with_optimizer_state: bool = True) -> int:
-        arrays = [p.detach().numpy() for p in flat_params(self.model)]
-        if with_optimizer_state:
-            for p in flat_params(self.model):
-                for key in sorted(self.optimizer.state.get(p, {})):
-                    value = self.optimizer.state[p][key]
-                    if torch.is_tensor(value):
-                        arrays.append(value.detach().numpy())
-        return bytes_digest(*arrays)
-
-
-def iteration_digest(loss: float, dense_digest: int, updated_rows_digest: int) -> str:
-    """Digest of iteration i: its loss (fp32 bits), the dense parameters after its
-    update and the rows it updated (a sum over whoever holds them)."""
-    return combine(bytes_digest(np.asarray([loss], dtype=np.float32)), dense_digest, updated_rows_digest)
-
-
-def final_digest(dense_digest_with_state: int, all_rows_digest: int) -> str:
-    return combine(dense_digest_with_state, all_rows_digest)
+        return dense_digest(self.model, self.optimizer if with_optimizer_state else None)
 
 
 def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[str, float]:
@@ -72,20 +61,43 @@ def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[st
     return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size)}
 
 
-class PhaseTimer:
-    """Accumulates wall time per named phase of an iteration."""
+class IterationClock:
+    """Wall clock of a training loop, the same in every mode.
+
+    An iteration's `time_iter` runs from the end of the previous iteration (or the
+    loop's start) to its own end, so the times add up to the loop's wall clock:
+    data reading, plan receive, waits, digests and reporting all count. `elapsed`
+    is the time since the loop started. Phases (data, plan, wait, compute,
+    exchange, update) split the iteration; what they leave out is bookkeeping."""
 
     def __init__(self) -> None:
-        self.times: dict[str, float] = {}
+        self.start = self._last = time.perf_counter()
+        self._phases: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+            self._phases[name] = self._phases.get(name, 0.0) + time.perf_counter() - t0
 
-    def pop(self) -> dict[str, float]:
-        out, self.times = {f"time_{k}": round(v, 6) for k, v in self.times.items()}, {}
+    @contextmanager
+    def excluded(self):
+        """Work that is not training (evaluation in the middle of a run): the clock stops."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            pause = time.perf_counter() - t0
+            self.start += pause
+            self._last += pause
+
+    def lap(self) -> dict[str, float]:
+        """End the iteration: its phase times, time_iter and elapsed."""
+        now = time.perf_counter()
+        out = {f"time_{name}": round(self._phases.get(name, 0.0), 6) for name in PHASES}
+        out["time_iter"] = round(now - self._last, 6)
+        out["elapsed"] = round(now - self.start, 6)
+        self._last, self._phases = now, {}
         return out

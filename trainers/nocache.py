@@ -2,55 +2,59 @@
 
 Every iteration fetches every row its slice reads from the servers (answered after
 the previous stage is applied) and sends every gradient contribution back; the
-servers apply the shared optimizer. The step itself is `local`'s, unchanged.
+servers apply the shared optimizer. The step itself is `local`'s, unchanged. The
+trainer reads its slices one iteration ahead: the next slice's keys are what it
+fetches at this iteration's stage, so the plan only has to confirm them.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from bagpipe.trainers.common import PhaseTimer
 from bagpipe.trainers.runtime import NO_KEYS, TrainerRuntime
 from bagpipe.trainers.step import slice_step
 
 
 def run_nocache_trainer(rt: TrainerRuntime) -> None:
-    cfg, opt = rt.cfg, rt.cfg.optimizer
-    timer = PhaseTimer()
-    _, pending = rt.bootstrap(with_state=False)
-    bar = rt.progress("none")
-    for plan, part, sk in rt.iterations():
-        start = time.perf_counter()
-        i = plan.iteration
-        with timer.phase("wait"):
-            working_set, _ = rt.wait_answers(pending)
+    cfg, opt, channel = rt.cfg, rt.cfg.optimizer, rt.channel
+    clock = rt.start_clock()
+    batches = rt.slices()
+    current = rt.read_slice(batches)
+    rt.next_plan(-1)
+    first_keys = current[1].keys if current is not None else NO_KEYS
+    channel.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, first_keys)
+    pending = channel.post_answers(-1, first_keys, with_state=False)
+    bar = rt.progress(cfg.cluster.mode)
+    i = 0
+    while current is not None:
+        part, sk = current
+        rt.next_plan(i).check_reads(sk.keys, rt.desc)
+        upcoming = rt.read_slice(batches)
+        fetch_keys = upcoming[1].keys if upcoming is not None else NO_KEYS
+        with clock.phase("wait"):
+            working_set, _ = channel.wait_answers(pending)
         fetched_bytes = pending.bytes
-        with timer.phase("compute"):
+        with clock.phase("compute"):
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
                                 working_set, sk.inverse, cfg.data.batch_size)
-        with timer.phase("exchange"):
+        with clock.phase("exchange"):
             # gradients go to the servers first, so they apply them while the dense
             # gradients are reduced
-            dense = rt.start_dense_reduction(result)
-            sent = rt.send_stage(i, sk.keys, result.row_grads, NO_KEYS, None, None, plan.fetch_keys)
-            pending = rt.post_answers(i, plan.fetch_keys, with_state=False)
-            dense_grad, loss = rt.finish_dense_reduction(dense)
-        with timer.phase("update"):
+            rt.start_dense_reduction(result)
+            sent = channel.send_stage(i, sk.keys, result.row_grads, NO_KEYS, None, None, fetch_keys)
+            pending = channel.post_answers(i, fetch_keys, with_state=False)
+            dense_grad, loss = rt.finish_dense_reduction()
+        with clock.phase("update"):
             rt.dense.step(dense_grad, opt.dense_lr_at(i))
-        record = {
-            "iter": i, "loss": loss.item(), "rows_read": len(sk.keys), "rows_fetched": len(sk.keys),
-            "bytes_server": fetched_bytes + sent,
-        }
+        record = {"iter": i, "loss": loss.item(), "rows_read": len(sk.keys), "rows_fetched": len(sk.keys),
+                  "bytes_server": fetched_bytes + sent}
         if rt.k == 0:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
-        record.update({k: v for k, v in timer.pop().items()})
-        record["time_iter"] = time.perf_counter() - start
-        rt.send_metrics(record)
+        rt.report(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        current, i = upcoming, i + 1
     bar.close()
-    rt.wait_answers(pending)  # the last stage answers nothing, but its frames must arrive
+    channel.wait_answers(pending)  # the last stage answers nothing, but its frames must arrive
     rt.evaluate_over_servers(first_stage=rt.data.num_train_batches)
     rt.finish()

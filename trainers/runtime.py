@@ -1,40 +1,31 @@
-"""What every distributed trainer does regardless of mode: receive plans, talk to
-servers in stages, reduce dense gradients in rank order, report to the oracle,
-and evaluate over the servers' tables at the end."""
+"""What every distributed trainer does regardless of mode: read its own slices,
+receive plans, talk to servers in stages, reduce dense gradients in rank order,
+report to the oracle, and evaluate over the servers' tables at the end."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from tqdm import tqdm
 
 from bagpipe import faults, wire
 from bagpipe.config import RunConfig
-from bagpipe.embedding import slice_keys
+from bagpipe.embedding import SliceKeys, slice_keys
+from bagpipe.errors import PeerError
 from bagpipe.metrics import peak_rss_kb
-from bagpipe.oracle.plan import TrainerPlan, server_of
-from bagpipe.optim import state_dim
+from bagpipe.optim import SparseOptimizer
+from bagpipe.placement import Placement
+from bagpipe.plan import PlanMessage
+from bagpipe.protocol import FrameLayout, TrainerChannel
 from bagpipe.rows import RowSpace
-from bagpipe.server import KIND_ANSWER, KIND_STAGE, answer_layout
-from bagpipe.transport import (
-    Groups, PeerError, Roles, frame_size, pack_frame, recv_array, send_array, unpack_frame, wait,
-)
-from bagpipe.trainers.common import DenseState
-from bagpipe.trainers.data import RunData
-from bagpipe.trainers.step import SliceResult, forward_logits, ordered_sum
-
+from bagpipe.rundata import RunData
+from bagpipe.transport import Groups, Roles, recv_bytes, send_bytes, wait
+from bagpipe.trainers.common import DenseState, IterationClock
+from bagpipe.trainers.reduction import ShardedOrderedSum
+from bagpipe.trainers.step import SliceResult, forward_logits
 
 NO_KEYS = np.zeros(0, dtype=np.int64)
-
-
-class PendingAnswers:
-    """Posted receives of one stage's fetch answers, one per server."""
-
-    def __init__(self, stage: int, keys: np.ndarray, requests: list):
-        self.stage, self.keys, self.requests = stage, keys, requests
-        self.bytes = sum(buf.numel() for _, buf, *_ in requests)
 
 
 class TrainerRuntime:
@@ -42,124 +33,70 @@ class TrainerRuntime:
         self.cfg, self.roles, self.groups, self.k, self.data = cfg, roles, groups, index, data
         self.me = roles.trainers[index]
         self.desc = roles.describe(self.me)
-        self.T, self.S = cfg.cluster.trainers, cfg.cluster.servers
+        self.T = cfg.cluster.trainers
         self.rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
         self.d = self.rows.row_dim
-        self.sdim = state_dim(cfg.optimizer.sparse, self.d)
+        self.optimizer = SparseOptimizer.from_config(cfg.optimizer, self.d)
         self.dense = DenseState.build(cfg)
-        self.per_trainer = cfg.data.batch_size // self.T
-        self._pending_sends: list = []
+        layout = FrameLayout(self.d, self.optimizer.state_dim, self.rows.total_rows)
+        self.channel = TrainerChannel(layout, Placement(cfg.cluster.servers), roles.servers, groups.data, index,
+                                      self.desc, roles.describe)
+        # dense gradient with the loss appended, reduced in rank order
+        self.reduction = ShardedOrderedSum(self.dense.numel + 1, self.T, index, groups.dense, self.desc)
+        self.clock: IterationClock | None = None
         self._pending_metrics: list = []
 
     # --- plans and data -------------------------------------------------------------
-    def next_plan(self, expect_iteration: int) -> TrainerPlan:
-        plan = TrainerPlan.decode(recv_array(self.roles.oracle, self.groups.plan, f"{self.desc}: plan from oracle"))
-        if plan.iteration != expect_iteration or plan.trainer != self.k:
-            raise PeerError(f"{self.desc}: got the plan of iteration {plan.iteration} for trainer {plan.trainer}, "
-                            f"expected iteration {expect_iteration} for trainer {self.k}")
-        return plan
+    def start_clock(self) -> IterationClock:
+        """The training loop's wall clock starts here (before the bootstrap stage)."""
+        self.clock = IterationClock()
+        return self.clock
 
-    def my_slice(self, batch):
-        part = batch.slice(self.k, self.T)
-        return part, slice_keys(self.rows.keys_of(part.sparse))
+    def next_plan(self, expect_iteration: int) -> PlanMessage:
+        with self.clock.phase("plan"):
+            raw = recv_bytes(self.roles.oracle, self.groups.plan, f"{self.desc}: plan from oracle")
+            try:
+                plan = PlanMessage.decode(raw)
+            except ValueError as err:
+                raise PeerError(f"{self.desc}: plan from oracle: {err}") from err
+            if plan.iteration != expect_iteration or plan.trainer != self.k:
+                raise PeerError(f"{self.desc}: got the plan of iteration {plan.iteration} for trainer {plan.trainer}, "
+                                f"expected iteration {expect_iteration} for trainer {self.k}")
+            return plan
 
-    def iterations(self):
-        """The training loop's skeleton: per global batch, this trainer's plan, its
-        slice and the slice's keys (checked against the plan)."""
-        for batch in self.data.train_batches():
-            i = batch.index
-            faults.maybe_kill("trainer", self.k, i)
-            plan = self.next_plan(i)
-            part, sk = self.my_slice(batch)
-            self.check_reads(plan, sk.keys)
-            yield plan, part, sk
+    def slices(self, columns: str = "all"):
+        """This trainer's slices of the training batches (it reads no other rows)."""
+        return iter(self.data.train_batches(columns=columns, slice_of=(self.k, self.T)))
 
-    def bootstrap(self, with_state: bool) -> tuple[TrainerPlan, PendingAnswers]:
-        """Stage -1: fetch what iteration 0 (or the first window) needs."""
-        boot = self.next_plan(-1)
-        self.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot.fetch_keys)
-        return boot, self.post_answers(-1, boot.fetch_keys, with_state=with_state)
+    def read_slice(self, batches) -> tuple[object, SliceKeys] | None:
+        """The next slice and its sorted unique keys, timed as data; None at the end."""
+        with self.clock.phase("data"):
+            part = next(batches, None)
+            if part is None:
+                return None
+            faults.maybe_kill("trainer", self.k, part.index)
+            return part, slice_keys(self.rows.keys_of(part.sparse))
 
     def progress(self, mode: str):
-        return tqdm(total=self.data.num_train_batches, desc=mode, unit="it", disable=None if self.k == 0 else True)
-
-    def check_reads(self, plan: TrainerPlan, keys: np.ndarray) -> None:
-        if not np.array_equal(plan.reads, keys):
-            raise PeerError(f"{self.desc}: iteration {plan.iteration}: the oracle planned different rows than "
-                            f"this trainer's slice reads ({len(plan.reads)} vs {len(keys)}): data out of step")
-
-    # --- stage messages to servers ----------------------------------------------------
-    def send_stage(self, stage: int, grad_keys: np.ndarray, grads: torch.Tensor | None,
-                   wb_keys: np.ndarray, wb_values: torch.Tensor | None, wb_state: torch.Tensor | None,
-                   fetch_keys: np.ndarray) -> int:
-        """One message to every server (possibly empty): the stage protocol. Returns bytes sent."""
-        # the previous stage's sends must be done before their buffers go
-        for work, *_ in self._pending_sends:
-            wait(work, f"{self.desc}: stage message delivery")
-        self._pending_sends = []
-        g_srv, w_srv, f_srv = (server_of(x, self.S) for x in (grad_keys, wb_keys, fetch_keys))
-        sent = 0
-        for j, dst in enumerate(self.roles.servers):
-            gm, wm, fm = g_srv == j, w_srv == j, f_srv == j
-            gk, wk, fk = grad_keys[gm], wb_keys[wm], fetch_keys[fm]
-            floats = [
-                grads[torch.from_numpy(gm)].numpy() if len(gk) else np.zeros(0, np.float32),
-                wb_values[torch.from_numpy(wm)].numpy() if len(wk) else np.zeros(0, np.float32),
-                wb_state[torch.from_numpy(wm)].numpy() if len(wk) and self.sdim else np.zeros(0, np.float32),
-            ]
-            frame = pack_frame(stage, KIND_STAGE, self.k, (len(gk), len(wk), len(fk)), [gk, wk, fk], floats)
-            self._pending_sends.append((dist.isend(frame, dst, group=self.groups.data), frame))
-            sent += frame.numel()
-        return sent
-
-    def post_answers(self, stage: int, fetch_keys: np.ndarray, with_state: bool) -> PendingAnswers:
-        srv = server_of(fetch_keys, self.S)
-        requests = []
-        for j, src in enumerate(self.roles.servers):
-            keys = fetch_keys[srv == j]
-            ints, floats = answer_layout(len(keys), self.d, self.sdim, with_state)
-            buf = torch.empty(frame_size(ints, floats), dtype=torch.uint8)
-            requests.append((dist.irecv(buf, src, group=self.groups.data), buf, j, keys, ints, floats, with_state))
-        return PendingAnswers(stage, fetch_keys, requests)
-
-    def wait_answers(self, pending: PendingAnswers) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Values (and state) of the fetched keys, in the order of `pending.keys`."""
-        n = len(pending.keys)
-        values = torch.empty((n, self.d), dtype=torch.float32)
-        with_state = pending.requests[0][6] if pending.requests else False
-        state = torch.empty((n, self.sdim), dtype=torch.float32) if with_state else None
-        srv = server_of(pending.keys, self.S)
-        for work, buf, j, keys, ints, floats, ws in pending.requests:
-            who = f"{self.desc}: stage {pending.stage} rows from {self.roles.describe(self.roles.servers[j])}"
-            wait(work, who)
-            (got_keys,), (vals, st) = unpack_frame(buf, (pending.stage, KIND_ANSWER, j, 0, (len(keys), int(ws), 0)),
-                                                  ints, floats, who)
-            if not np.array_equal(got_keys, keys):
-                raise PeerError(f"{who}: answered other rows than requested")
-            mask = torch.from_numpy(srv == j)
-            values[mask] = torch.from_numpy(vals.reshape(-1, self.d))
-            if state is not None and self.sdim:
-                state[mask] = torch.from_numpy(st.reshape(-1, self.sdim))
-        return values, state
+        return tqdm(total=self.data.num_train_batches, desc=str(mode), unit="it",
+                    disable=None if self.k == 0 else True)
 
     # --- dense reduction -------------------------------------------------------------
-    def start_dense_reduction(self, result: SliceResult):
-        """all_gather every trainer's [dense grad, loss] (async, on the dense group, so
-        row traffic can go out meanwhile); `finish_dense_reduction` sums it."""
-        mine = torch.cat([result.dense_grad, result.loss.reshape(1)])
-        gathered = [torch.empty_like(mine) for _ in range(self.T)]
-        return dist.all_gather(gathered, mine, group=self.groups.dense, async_op=True), gathered, mine
+    def start_dense_reduction(self, result: SliceResult) -> None:
+        """Launch the rank-order reduction of [dense grad, loss] (async, on the dense
+        group, so row traffic can go out meanwhile)."""
+        self.reduction.start(torch.cat([result.dense_grad, result.loss.reshape(1)]))
 
-    def finish_dense_reduction(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
-        """0 + g_0 + g_1 + ... in rank order: the same bits as `local`'s sequential sum,
-        for any T. Returns (dense gradient, loss)."""
-        work, gathered, _ = handle
-        wait(work, f"{self.desc}: dense gradient all_gather")
-        total = ordered_sum(gathered)
-        return total[:-1], total[-1]
+    def finish_dense_reduction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed dense gradient, summed loss): the same bits as `local`'s sequential sum."""
+        total = self.reduction.finish()
+        return total[:-1], total[-1].clone()
 
     # --- reports to the oracle ----------------------------------------------------------
-    def send_metrics(self, record: dict) -> None:
+    def report(self, record: dict) -> None:
+        """Send one iteration's record; the clock's lap closes the iteration."""
+        record.update(self.clock.lap())
+        record["bytes_dense"] = self.reduction.bytes_per_call
         msg = wire.encode(wire.TRAINER_FIELDS, record)
         self._pending_metrics.append((dist.isend(msg, self.roles.oracle, group=self.groups.metrics), msg))
         if len(self._pending_metrics) > 64:
@@ -171,10 +108,10 @@ class TrainerRuntime:
         logits, labels = [], []
         stage = first_stage
         with torch.no_grad():
-            for batch in self.data.eval_batches():
-                part, sk = self.my_slice(batch)
-                self.send_stage(stage, NO_KEYS, None, NO_KEYS, None, None, sk.keys)
-                values, _ = self.wait_answers(self.post_answers(stage, sk.keys, with_state=False))
+            for part in self.data.eval_batches(slice_of=(self.k, self.T)):
+                sk = slice_keys(self.rows.keys_of(part.sparse))
+                self.channel.send_stage(stage, NO_KEYS, None, NO_KEYS, None, None, sk.keys)
+                values, _ = self.channel.wait_answers(self.channel.post_answers(stage, sk.keys, with_state=False))
                 out = forward_logits(self.dense.model, torch.from_numpy(part.dense), values, sk.inverse)
                 logits.append(out.numpy().astype(np.float64))
                 labels.append(part.labels.astype(np.float64))
@@ -183,7 +120,7 @@ class TrainerRuntime:
         truth = np.concatenate(labels) if labels else np.zeros(0)
         self._flush_sends()
         for arr in (scores, truth):
-            for work, *_ in send_array(arr.view(np.int64), self.roles.oracle, self.groups.metrics):
+            for work, *_ in send_bytes(arr, self.roles.oracle, self.groups.metrics):
                 wait(work, f"{self.desc}: eval results to oracle")
 
     def finish(self) -> None:
@@ -194,6 +131,7 @@ class TrainerRuntime:
         wait(dist.isend(final, self.roles.oracle, group=self.groups.metrics), f"{self.desc}: final report")
 
     def _flush_sends(self) -> None:
-        for work, *_ in self._pending_sends + self._pending_metrics:
+        self.channel.flush()
+        for work, *_ in self._pending_metrics:
             wait(work, f"{self.desc}: pending sends")
-        self._pending_sends, self._pending_metrics = [], []
+        self._pending_metrics = []

@@ -52,14 +52,6 @@ def slice_step(
     return SliceResult(loss.detach(), dense_grad, row_grads, logits.detach())
 
 
-def ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """0 + p_1 + p_2 + ... in the given (rank) order: the one dense reduction."""
-    total = torch.zeros_like(parts[0])
-    for part in parts:
-        total += part
-    return total
-
-
 def set_dense_grads(model: torch.nn.Module, flat: torch.Tensor) -> None:
     offset = 0
     for p in flat_params(model):

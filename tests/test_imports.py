@@ -1,0 +1,119 @@
+"""One-way dependencies: the project's import graph has no cycle.
+
+Every import counts, including those inside functions (a lazy import only hides a
+cycle, it does not remove it); only `if TYPE_CHECKING:` blocks are skipped. The
+graph is built from the source folders with the same mapping setuptools uses
+(pyproject's package-dir), so it is the graph of the installed package.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# import name -> folder, as in pyproject.toml's package-dir
+PACKAGES = {"bagpipe": "bagpipe", "bagpipe.models": "bagpipe/models", "bagpipe.netlink": "bagpipe/netlink",
+            "bagpipe.oracle": "oracle", "bagpipe.trainers": "trainers", "bagpipe.datasets": "datasets"}
+
+
+def modules(root: str) -> dict[str, str]:
+    """Module name -> file for every module of every package."""
+    out = {}
+    for package, folder in PACKAGES.items():
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith(".py"):
+                stem = name[:-3]
+                out[package if stem == "__init__" else f"{package}.{stem}"] = os.path.join(root, folder, name)
+    return out
+
+
+def _type_checking_only(node: ast.AST, parents: dict) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def import_graph(root: str) -> dict[str, set[str]]:
+    mods = modules(root)
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        package = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if _type_checking_only(node, parents):
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                # `from pkg import name` imports pkg.name when that is a module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for target in targets:
+                while target and target not in mods:  # `import a.b.c` of a non-module: its nearest module
+                    target = target.rpartition(".")[0]
+                if target and target != mod:
+                    graph[mod].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        stack = [(start, iter(sorted(graph[start])))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(child) == 1:
+                return path[path.index(child):] + [child]
+            elif not state.get(child):
+                state[child] = 1
+                stack.append((child, iter(sorted(graph[child]))))
+                path.append(child)
+    return None
+
+
+def test_every_source_module_is_in_the_graph():
+    graph = import_graph(ROOT)
+    assert "bagpipe.oracle.lrpp" in graph and "bagpipe.trainers.cached" in graph
+    assert "bagpipe.plan" in graph["bagpipe.oracle.lrpp"]
+    assert "bagpipe.server" in graph["bagpipe.train"]  # a lazy import counts
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph(ROOT))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("module,line", [
+    ("bagpipe/config.py", "from bagpipe.cli import main\n"),  # cli -> ... -> train -> config -> cli
+    ("bagpipe/plan.py", "def _late():\n    import bagpipe.oracle.lrpp\n"),  # a lazy one
+])
+def test_a_deliberate_cycle_is_found(tmp_path, module, line):
+    copy = tmp_path / "tree"
+    for folder in {f.split('/')[0] for f in PACKAGES.values()}:
+        shutil.copytree(os.path.join(ROOT, folder), copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / module, "a") as f:
+        f.write("\n" + line)
+    cycle = find_cycle(import_graph(str(copy)))
+    assert cycle is not None and cycle[0] == cycle[-1]
