@@ -128,7 +128,11 @@ class OwnedCache:
             raise PeerError(f"{where}: send lists malformed ({len(send_slots)} lists for {T} trainers)")
         for j in range(T):
             self.occupied(send_slots[j], "value exchange")
-        upd = np.unique(np.concatenate([owned_slots, *send_slots])) if T > 1 else np.unique(owned_slots)
+        touched = np.zeros(len(self.slot_keys), dtype=bool)  # owned rows read by anyone (sends can overlap)
+        touched[owned_slots] = True
+        for slots in send_slots:
+            touched[slots] = True
+        upd = np.flatnonzero(touched)
         upd_keys = self.slot_keys[upd]
         order = np.argsort(upd_keys, kind="stable")
         wb_slots = np.asarray(msg.writeback_slots, dtype=np.int64)

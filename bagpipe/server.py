@@ -36,7 +36,7 @@ from bagpipe.placement import Placement
 from bagpipe.plan import ServerPlan
 from bagpipe.protocol import Answer, FrameLayout, ServerChannel, StageMessage
 from bagpipe.rows import RowSpace
-from bagpipe.transport import Groups, Roles, recv_bytes, wait
+from bagpipe.transport import Groups, Roles, StreamReceiver, ready, wait
 
 
 class Shard:
@@ -139,9 +139,11 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
                          lambda k: roles.describe(roles.trainers[k]))
     layout = FrameLayout(rows.row_dim, optimizer.state_dim, rows.total_rows)
     channel = ServerChannel(layout, roles.trainers, groups.data, index, desc, roles.describe)
+    plans = StreamReceiver(roles.oracle, groups.plan, f"{desc}: plan from oracle")
     pending_metrics: list = []
+    ready(desc)
     while True:
-        plan = ServerPlan.decode(recv_bytes(roles.oracle, groups.plan, f"{desc}: plan from oracle"))
+        plan = ServerPlan.decode(plans.next())
         if plan.is_stop:
             break
         s = plan.stage

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from bagpipe.errors import PeerError
 
 __all__ = ["PeerError", "Roles", "Groups", "make_groups", "init_world", "gather_roles", "local_role", "wait",
-           "send_bytes", "recv_bytes", "fail_fast"]
+           "ready", "send_bytes", "recv_bytes", "StreamSender", "StreamReceiver", "fail_fast"]
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,16 @@ def _gloo_reason(err: BaseException) -> str:
     return text.split(". This is typically caused", 1)[0]
 
 
+def ready(who: str) -> None:
+    """Every role calls this once its setup is done (shards initialised, models built,
+    the planner's first window read): training clocks start together after it, so a
+    run's throughput is not charged with another role's start-up."""
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        raise PeerError(f"{who}: waiting for every role to finish setting up: {_gloo_reason(err)}") from err
+
+
 def send_bytes(payload: np.ndarray, dst: int, group) -> list:
     """Variable-length message: its length, then the bytes (both async). Returns the
     pending sends with their tensors, which must stay alive until they complete."""
@@ -198,6 +208,92 @@ def recv_bytes(src: int, group, what: str) -> np.ndarray:
     if out.numel():
         wait(dist.irecv(out, src, group=group), what)
     return out.numpy()
+
+
+# --- message streams -------------------------------------------------------------------
+# Plans go oracle -> each peer as an ordered stream of variable-length messages. Each
+# message ends with an int64 trailer holding the length of the next one (-1: the
+# stream ends), so the receiver posts the next receive as soon as it has a message:
+# the transfer then happens while the receiver works, instead of costing two round
+# trips (length, then payload) through a busy sender at the moment it is needed.
+
+_TRAILER = 8
+_END = -1
+
+
+class StreamSender:
+    """The sending side of one stream per destination, with at most `depth` messages in
+    flight per destination (backpressure: the sender never runs unboundedly ahead). It
+    holds each message back until the next one exists (its length goes in the trailer)."""
+
+    def __init__(self, group, describe, depth: int = 32):
+        self.group, self.describe, self.depth = group, describe, depth
+        self._held: dict[int, np.ndarray] = {}
+        self._in_flight: dict[int, list] = {}
+
+    def send(self, dst: int, payload: np.ndarray) -> None:
+        payload = np.ascontiguousarray(payload).view(np.uint8).ravel()
+        if dst not in self._held:  # the stream opens with the first message's length
+            self._put(dst, np.array([payload.nbytes], dtype=np.int64).view(np.uint8))
+        else:
+            self._release(dst, payload.nbytes)
+        self._held[dst] = payload
+
+    def close(self) -> None:
+        """End every stream and wait until everything is delivered."""
+        for dst in list(self._held):
+            self._release(dst, _END)
+        self._held.clear()
+        for dst, queue in self._in_flight.items():
+            for work, _ in queue:
+                wait(work, f"oracle: plan delivery to {self.describe(dst)}")
+            queue.clear()
+
+    def _release(self, dst: int, next_length: int) -> None:
+        held = self._held[dst]
+        self._put(dst, np.concatenate([held, np.array([next_length], dtype=np.int64).view(np.uint8)]))
+
+    def _put(self, dst: int, raw: np.ndarray) -> None:
+        queue = self._in_flight.setdefault(dst, [])
+        if len(queue) >= self.depth:
+            work, _ = queue.pop(0)
+            wait(work, f"oracle: plan delivery to {self.describe(dst)}")
+        tensor = torch.from_numpy(raw)
+        queue.append((dist.isend(tensor, dst, group=self.group), tensor))
+
+
+class StreamReceiver:
+    """The receiving side of one stream: `next()` returns the next message, and posts
+    the receive of the one after it before returning."""
+
+    def __init__(self, src: int, group, what: str):
+        self.src, self.group, self.what = src, group, what
+        self._buf = torch.zeros(1, dtype=torch.int64)
+        self._work = dist.irecv(self._buf, src, group=group)
+        self._first = True
+
+    def next(self) -> np.ndarray:
+        if self._work is None:
+            raise PeerError(f"{self.what}: the stream has ended")
+        wait(self._work, self.what)
+        if self._first:  # the opening length
+            self._first = False
+            self._post(int(self._buf.item()))
+            wait(self._work, self.what)
+        raw = self._buf.numpy()
+        next_length = int(raw[-_TRAILER:].view(np.int64)[0])
+        message = raw[:-_TRAILER]
+        if next_length == _END:
+            self._work = None
+        else:
+            self._post(next_length)
+        return message
+
+    def _post(self, length: int) -> None:
+        if length < 0:
+            raise PeerError(f"{self.what}: corrupt stream (message length {length})")
+        self._buf = torch.empty(length + _TRAILER, dtype=torch.uint8)
+        self._work = dist.irecv(self._buf, self.src, group=self.group)
 
 
 def fail_fast(desc: str, err: BaseException, roles: Roles | None = None) -> None:

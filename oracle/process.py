@@ -1,9 +1,11 @@
 """The oracle role: a thin loop around the pure planners.
 
 It reads the sparse ids of the training data ahead (only the sparse columns),
-runs the planner, and ships each iteration's plans to trainers and servers
-through bounded queues (so it runs ahead of training, but not unboundedly), in
-their compact wire form (bagpipe.plan.PlanMessage), counting the bytes. A second
+runs the planner, and ships each iteration's plans to trainers and servers as
+message streams (bagpipe.transport.StreamSender: bounded, so it runs ahead of
+training but not unboundedly; each message announces the next, so receivers post
+their receives early), in their compact wire form (bagpipe.plan.PlanMessage),
+counting the bytes. A second
 thread, on its own process group, collects the per-iteration reports of trainers
 and servers, combines the digest parts and writes the run directory: the oracle
 is the one writer.
@@ -28,31 +30,10 @@ from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, server_p
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
 from bagpipe.rundir import RunWriter
-from bagpipe.transport import Groups, Roles, recv_bytes, send_bytes, wait
+from bagpipe.transport import Groups, Roles, StreamSender, ready, recv_bytes, wait
 
 QUEUE_DEPTH = 32  # plans in flight per destination
-LENGTH_PREFIX_BYTES = 8  # every plan message travels after its int64 length
-
-
-class PlanSender:
-    """Async sends with a bounded number in flight per destination (backpressure)."""
-
-    def __init__(self, roles: Roles, group):
-        self.roles, self.group = roles, group
-        self.in_flight: dict[int, deque] = {}
-
-    def send(self, dst: int, payload: np.ndarray) -> None:
-        queue = self.in_flight.setdefault(dst, deque())
-        while len(queue) >= QUEUE_DEPTH:
-            for work, *_ in queue.popleft():
-                wait(work, f"oracle: plan delivery to {self.roles.describe(dst)}")
-        queue.append(send_bytes(payload, dst, self.group))
-
-    def drain(self) -> None:
-        for dst, queue in self.in_flight.items():
-            while queue:
-                for work, *_ in queue.popleft():
-                    wait(work, f"oracle: plan delivery to {self.roles.describe(dst)}")
+TRAILER_BYTES = 8  # every plan message carries the length of the next one
 
 
 def _key_batches(data: RunData, rows: RowSpace):
@@ -93,10 +74,11 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
     collector = MetricsCollector(cfg, roles, groups, data, writer)
     thread = threading.Thread(target=collector.run, name="metrics", daemon=True)
     thread.start()
-    sender = PlanSender(roles, groups.plan)
+    sender = StreamSender(groups.plan, roles.describe, depth=QUEUE_DEPTH)
     ship_keys = cfg.cluster.mode is Mode.BAGPIPE  # `none` trainers read their next keys themselves
     plan_time, plan_cpu, planned = 0.0, 0.0, 0
     planner = make_planner(cfg, data, rows)
+    ready("oracle")
     while True:
         start, start_cpu = time.perf_counter(), time.thread_time()
         item = next(planner, None)
@@ -115,7 +97,7 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
                                                                         rows.total_rows).encode()))
         messages += [(roles.servers[j], plan.encode()) for j, plan in enumerate(item.servers)]
         # recorded before sending: the iteration's reports can only come after its plans
-        collector.plan_stats[item.iteration] = (item.stats, sum(m.nbytes + LENGTH_PREFIX_BYTES for _, m in messages))
+        collector.plan_stats[item.iteration] = (item.stats, sum(m.nbytes + TRAILER_BYTES for _, m in messages))
         for dst, payload in messages:
             sender.send(dst, payload)
         planned += 1
@@ -132,7 +114,7 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
             sender.send(roles.servers[j], plan.encode())
     for j in range(cfg.cluster.servers):
         sender.send(roles.servers[j], ServerPlan.stop(j, cfg.cluster.trainers).encode())
-    sender.drain()
+    sender.close()
     thread.join()
     if collector.error is not None:
         raise collector.error
@@ -182,9 +164,10 @@ class MetricsCollector:
             rows_digest = (sum(r["rows_digest"] for r in reports) + sum(s["rows_digest"] for s in servers)) % (1 << 64)
             loss = reports[0]["loss"]
             record = {"iter": i, "loss": loss, "digest": iteration_digest(loss, reports[0]["dense_digest"], rows_digest)}
-            # trainers run in lockstep: the slowest one's clock is the iteration's
+            # trainers run in lockstep: the slowest one's clock, and its phase split, is the iteration's
+            slowest = max(reports, key=lambda r: r["time_iter"])
             for name in TIME_FIELDS:
-                record[name] = round(max(r[name] for r in reports), 6)
+                record[name] = round(slowest[name], 6)
             elapsed = max(r["elapsed"] for r in reports)
             record["elapsed"] = round(elapsed, 6)
             wait_time += record["time_wait"]

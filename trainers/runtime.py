@@ -20,7 +20,7 @@ from bagpipe.plan import PlanMessage
 from bagpipe.protocol import FrameLayout, TrainerChannel
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
-from bagpipe.transport import Groups, Roles, recv_bytes, send_bytes, wait
+from bagpipe.transport import Groups, Roles, StreamReceiver, ready, send_bytes, wait
 from bagpipe.trainers.common import DenseState, IterationClock
 from bagpipe.trainers.reduction import ShardedOrderedSum
 from bagpipe.trainers.step import SliceResult, forward_logits
@@ -43,18 +43,21 @@ class TrainerRuntime:
                                       self.desc, roles.describe)
         # dense gradient with the loss appended, reduced in rank order
         self.reduction = ShardedOrderedSum(self.dense.numel + 1, self.T, index, groups.dense, self.desc)
+        self.plans = StreamReceiver(roles.oracle, groups.plan, f"{self.desc}: plan from oracle")
         self.clock: IterationClock | None = None
         self._pending_metrics: list = []
 
     # --- plans and data -------------------------------------------------------------
     def start_clock(self) -> IterationClock:
-        """The training loop's wall clock starts here (before the bootstrap stage)."""
+        """The training loop's wall clock starts here, once every role is set up
+        (before the bootstrap stage)."""
+        ready(self.desc)
         self.clock = IterationClock()
         return self.clock
 
     def next_plan(self, expect_iteration: int) -> PlanMessage:
         with self.clock.phase("plan"):
-            raw = recv_bytes(self.roles.oracle, self.groups.plan, f"{self.desc}: plan from oracle")
+            raw = self.plans.next()
             try:
                 plan = PlanMessage.decode(raw)
             except ValueError as err:
