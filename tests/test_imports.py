@@ -93,6 +93,41 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The layers of docs/architecture.md, bottom up: a module imports from its own layer or below.
+LAYERS = [
+    ["bagpipe", "bagpipe.errors", "bagpipe.hashing", "bagpipe.config", "bagpipe.placement", "bagpipe.metrics",
+     "bagpipe.faults", "bagpipe.rundir", "bagpipe.wire"],
+    ["bagpipe.rows", "bagpipe.digest", "bagpipe.optim", "bagpipe.embedding", "bagpipe.models.*", "bagpipe.datasets.*",
+     "bagpipe.plan", "bagpipe.transport", "bagpipe.rundata"],
+    ["bagpipe.cache", "bagpipe.protocol", "bagpipe.oracle", "bagpipe.oracle.window", "bagpipe.oracle.lrpp",
+     "bagpipe.oracle.nocache", "bagpipe.oracle.verify", "bagpipe.oracle.simulate", "bagpipe.trainers",
+     "bagpipe.trainers.step", "bagpipe.trainers.reduction", "bagpipe.trainers.common"],
+    ["bagpipe.server", "bagpipe.trainers.local", "bagpipe.trainers.runtime", "bagpipe.trainers.nocache",
+     "bagpipe.trainers.cached", "bagpipe.oracle.process"],
+    ["bagpipe.train", "bagpipe.launch", "bagpipe.bench", "bagpipe.compare", "bagpipe.oracle.cli",
+     "bagpipe.datasets.cli", "bagpipe.netlink.*", "bagpipe.cli"],
+]
+
+
+def layer_of(module: str) -> int | None:
+    """The layer naming the module exactly, else the one whose `pkg.*` covers it."""
+    for i, names in enumerate(LAYERS):
+        if module in names:
+            return i
+    for i, names in enumerate(LAYERS):
+        if any(n.endswith(".*") and (module == n[:-2] or module.startswith(n[:-1])) for n in names):
+            return i
+    return None
+
+
+def test_dependencies_point_down_the_layers():
+    graph = import_graph(ROOT)
+    unplaced = [m for m in graph if layer_of(m) is None]
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/architecture.md): {unplaced}"
+    upward = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m)]
+    assert not upward, "imports that point up a layer: " + "; ".join(upward)
+
+
 def test_every_source_module_is_in_the_graph():
     graph = import_graph(ROOT)
     assert "bagpipe.oracle.lrpp" in graph and "bagpipe.trainers.cached" in graph
