@@ -227,6 +227,7 @@ class RunConfig:
     eval_every: int | None = None
     run_dir: str = "runs/default"
     threads: int = 1  # torch threads per process; bits are only promised at equal thread counts
+    tensorboard: str | None = None  # also write scalars here (bagpipe[tensorboard])
 
     def __post_init__(self) -> None:
         batch, trainers = self.data.batch_size, self.cluster.trainers

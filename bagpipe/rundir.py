@@ -31,8 +31,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
 class RunWriter:
     """Owns one run directory; only one process per run writes it."""
 
-    def __init__(self, run_dir: str, config: dict[str, Any]):
+    def __init__(self, run_dir: str, config: dict[str, Any], tensorboard: str | None = None):
         self.run_dir = run_dir
+        self.tensorboard = tensorboard  # TODO(issue 13): a scalar sink; None: metrics.jsonl only
         os.makedirs(run_dir, exist_ok=True)
         write_json_atomic(os.path.join(run_dir, "config.json"), config)
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w")

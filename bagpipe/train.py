@@ -64,6 +64,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (digests are comparable only at equal thread counts)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard scalars to DIR (needs the extra: pip install 'bagpipe[tensorboard]')")
     p.add_argument("--node-roles", default=None,
                    help="roles of this node's processes in a multi-node job, e.g. 'oracle=1,server=2' or 'trainer=2'")
 
@@ -139,6 +141,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         eval_every=args.eval_every,
         run_dir=args.run_dir or os.path.join("runs", args.mode),
         threads=args.threads,
+        tensorboard=args.tensorboard,
     )
 
 
@@ -167,7 +170,7 @@ def _run_local(cfg: RunConfig) -> int:
 
     torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
-    writer = RunWriter(cfg.run_dir, cfg.to_dict())
+    writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard)
     try:
         summary = train_local(cfg, data, writer)
     finally:

@@ -70,7 +70,7 @@ def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, first_stage
 
 def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> None:
     rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
-    writer = RunWriter(cfg.run_dir, cfg.to_dict())
+    writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard)
     collector = MetricsCollector(cfg, roles, groups, data, writer)
     thread = threading.Thread(target=collector.run, name="metrics", daemon=True)
     thread.start()

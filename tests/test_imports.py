@@ -17,7 +17,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # import name -> folder, as in pyproject.toml's package-dir
 PACKAGES = {"bagpipe": "bagpipe", "bagpipe.models": "bagpipe/models", "bagpipe.netlink": "bagpipe/netlink",
-            "bagpipe.oracle": "oracle", "bagpipe.trainers": "trainers", "bagpipe.datasets": "datasets"}
+            "bagpipe.oracle": "oracle", "bagpipe.trainers": "trainers", "bagpipe.datasets": "datasets",
+            "bagpipe.serving": "serving"}
 
 
 def modules(root: str) -> dict[str, str]:
@@ -98,14 +99,14 @@ LAYERS = [
     ["bagpipe", "bagpipe.errors", "bagpipe.hashing", "bagpipe.config", "bagpipe.placement", "bagpipe.metrics",
      "bagpipe.faults", "bagpipe.rundir", "bagpipe.wire"],
     ["bagpipe.rows", "bagpipe.digest", "bagpipe.optim", "bagpipe.embedding", "bagpipe.models.*", "bagpipe.datasets.*",
-     "bagpipe.plan", "bagpipe.transport", "bagpipe.rundata"],
+     "bagpipe.plan", "bagpipe.transport", "bagpipe.rundata", "bagpipe.export"],
     ["bagpipe.cache", "bagpipe.protocol", "bagpipe.oracle", "bagpipe.oracle.window", "bagpipe.oracle.lrpp",
      "bagpipe.oracle.nocache", "bagpipe.oracle.verify", "bagpipe.oracle.simulate", "bagpipe.trainers",
      "bagpipe.trainers.step", "bagpipe.trainers.reduction", "bagpipe.trainers.common"],
     ["bagpipe.server", "bagpipe.trainers.local", "bagpipe.trainers.runtime", "bagpipe.trainers.nocache",
      "bagpipe.trainers.cached", "bagpipe.oracle.process"],
     ["bagpipe.train", "bagpipe.launch", "bagpipe.bench", "bagpipe.compare", "bagpipe.oracle.cli",
-     "bagpipe.datasets.cli", "bagpipe.netlink.*", "bagpipe.cli"],
+     "bagpipe.datasets.cli", "bagpipe.netlink.*", "bagpipe.serving.*", "bagpipe.cli"],
 ]
 
 

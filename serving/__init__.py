@@ -1,0 +1,1 @@
+"""Scale-out inference over sharded embedding tables (DESIGN.md section 10)."""
