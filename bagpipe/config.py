@@ -34,10 +34,20 @@ class OptimizerKind(str, Enum):
         return self.value
 
 
+class LRScheduleKind(str, Enum):
+    CONSTANT = "constant"
+    WARMUP = "warmup"  # linear warmup, then constant
+    DLRM = "dlrm"  # the DLRM reference's: linear warmup, constant, then polynomial (power 2) decay to zero
+
+    def __str__(self) -> str:
+        return self.value
+
+
 MODELS = ("dlrm", "dcn", "wide_deep", "deepfm")
 MODES = tuple(m.value for m in Mode)
 OPTIMIZERS = tuple(o.value for o in OptimizerKind)
 DENSE_OPTIMIZERS = (OptimizerKind.SGD.value, OptimizerKind.ADAGRAD.value)
+LR_SCHEDULES = tuple(k.value for k in LRScheduleKind)
 
 
 class ConfigError(ValueError):
@@ -145,6 +155,59 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LRSchedule:
+    """The learning-rate multiplier as a pure function of the iteration number, shared
+    by the sparse and dense optimizers and by every mode and role (DESIGN.md section 2:
+    the rate comes from the iteration's number, not from when the update runs).
+
+    `warmup`: iteration i < W runs at (i + 1) / W of the base rate. `dlrm` (the DLRM
+    reference's shape) adds a decay: from `decay_start`, ((decay_iters - k) /
+    decay_iters)^2 at the k-th iteration of the span, then zero."""
+
+    kind: LRScheduleKind = LRScheduleKind.CONSTANT
+    warmup_iters: int = 0
+    decay_start: int = 0
+    decay_iters: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _enum(LRScheduleKind, self.kind, "--lr-schedule"))
+        for name in ("warmup_iters", "decay_start", "decay_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        kind = self.kind
+        if kind is LRScheduleKind.CONSTANT and (self.warmup_iters or self.decay_iters):
+            raise ConfigError("--lr-schedule constant takes no --warmup-iters or --decay-iters "
+                              "(use --lr-schedule warmup or dlrm)")
+        if kind is LRScheduleKind.WARMUP and (self.warmup_iters < 1 or self.decay_iters):
+            raise ConfigError("--lr-schedule warmup needs --warmup-iters >= 1 and no decay (use dlrm to decay)")
+        if kind is LRScheduleKind.DLRM:
+            if self.decay_iters < 1:
+                raise ConfigError("--lr-schedule dlrm needs --decay-iters >= 1")
+            if self.decay_start < self.warmup_iters:
+                raise ConfigError(f"--decay-start {self.decay_start} is inside the warmup (--warmup-iters "
+                                  f"{self.warmup_iters}): the warmup must end before the decay starts")
+
+    @classmethod
+    def resolve(cls, kind: str | None, warmup_iters: int, decay_start: int | None, decay_iters: int) -> "LRSchedule":
+        """From the command line: without --lr-schedule, the flags given pick the shape."""
+        if kind is None:
+            kind = "dlrm" if decay_iters else ("warmup" if warmup_iters else "constant")
+        if decay_start is None:
+            decay_start = warmup_iters
+        return cls(kind, warmup_iters, decay_start, decay_iters)
+
+    def scale(self, iteration: int) -> float:
+        if self.kind is LRScheduleKind.CONSTANT:
+            return 1.0
+        if iteration < self.warmup_iters:
+            return (iteration + 1) / self.warmup_iters
+        if self.kind is LRScheduleKind.DLRM and iteration >= self.decay_start:
+            done = iteration - self.decay_start
+            return ((self.decay_iters - done) / self.decay_iters) ** 2 if done < self.decay_iters else 0.0
+        return 1.0
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     """Sparse (row) and dense optimizers; the learning rate depends only on the
     iteration number (DESIGN.md section 2)."""
@@ -155,7 +218,7 @@ class OptimizerConfig:
     dense_lr: float = 0.1
     eps: float = 1e-10
     initial_accumulator: float = 0.0
-    warmup_iters: int = 0
+    schedule: LRSchedule = field(default_factory=LRSchedule)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparse", _enum(OptimizerKind, self.sparse, "sparse optimizer"))
@@ -166,18 +229,17 @@ class OptimizerConfig:
             raise ConfigError(f"--initial-accumulator must be >= 0, got {self.initial_accumulator}")
         if self.eps <= 0:
             raise ConfigError(f"eps must be positive, got {self.eps}")
-        if self.warmup_iters < 0:
-            raise ConfigError(f"--warmup-iters must be >= 0, got {self.warmup_iters}")
+        if isinstance(self.schedule, dict):  # from config.json
+            object.__setattr__(self, "schedule", LRSchedule(**self.schedule))
+        for name in ("sparse_lr", "dense_lr"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     def sparse_lr_at(self, iteration: int) -> float:
-        if self.warmup_iters > 0 and iteration < self.warmup_iters:
-            return self.sparse_lr * (iteration + 1) / self.warmup_iters
-        return self.sparse_lr
+        return self.sparse_lr * self.schedule.scale(iteration)
 
     def dense_lr_at(self, iteration: int) -> float:
-        if self.warmup_iters > 0 and iteration < self.warmup_iters:
-            return self.dense_lr * (iteration + 1) / self.warmup_iters
-        return self.dense_lr
+        return self.dense_lr * self.schedule.scale(iteration)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ class Shard:
     def __init__(self, rows: RowSpace, placement: Placement, index: int, optimizer: SparseOptimizer):
         self.rows, self.placement, self.index, self.optimizer = rows, placement, index, optimizer
         self.keys = placement.shard_keys(index, rows.total_rows)
-        self.values = rows.init_tensor(self.keys)
+        self.values = rows.init_tensor(
+            np.arange(len(self.keys)) if faults.active("init_by_position") else self.keys)
         self.state = optimizer.initial_state(len(self.keys))
         self.checked_out = np.zeros(len(self.keys), dtype=bool)
 
@@ -66,6 +67,7 @@ class StageReport:
     rows_updated: int = 0
     rows_written_back: int = 0
     rows_fetched: int = 0
+    lr: float = float("nan")  # the learning rate its updates used (none mode)
 
 
 class StageServer:
@@ -77,7 +79,18 @@ class StageServer:
         self._served_last_stage = [np.zeros(0, np.int64) for _ in range(trainers)]
 
     def apply(self, plan: ServerPlan, messages: list[StageMessage]) -> tuple[list[Answer], StageReport]:
-        s, shard, report = plan.stage, self.shard, StageReport()
+        report = StageReport()
+        if faults.active("answer_before_apply"):  # a stale read: the stage's fetches miss its updates
+            answers = self._answer(plan, messages, report)
+            self._apply_updates(plan, messages, report)
+        else:
+            self._apply_updates(plan, messages, report)
+            answers = self._answer(plan, messages, report)
+        self._served_last_stage = [a.keys.copy() for a in answers]
+        return answers, report
+
+    def _apply_updates(self, plan: ServerPlan, messages: list[StageMessage], report: StageReport) -> None:
+        s, shard = plan.stage, self.shard
         d = shard.rows.row_dim
         where = f"{self.who}: stage {s}"
         # 1. gradients (none mode), summed in trainer-rank order
@@ -93,8 +106,9 @@ class StageServer:
                 parts = parts[::-1]
             union = union_of([k for k, _ in parts])
             grads = sum_contributions(union, parts, d)
+            report.lr = self.lr_at(faults.lr_iteration("server", s))
             updated = shard.optimizer.update_rows(shard.values, shard.state, shard.local(union, where), grads,
-                                                  self.lr_at(s))
+                                                  report.lr)
             report.rows_digest = stored_rows_digest(union, *updated)
             report.rows_updated = len(union)
         # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
@@ -110,7 +124,11 @@ class StageServer:
                 shard.state.index_copy_(0, idx, torch.from_numpy(msg.writeback_state))
             shard.checked_out[local] = False
             report.rows_written_back += len(local)
-        # 3. answer fetches with values after this stage
+
+    def _answer(self, plan: ServerPlan, messages: list[StageMessage], report: StageReport) -> list[Answer]:
+        """3. answer fetches with values after this stage."""
+        s, shard = plan.stage, self.shard
+        where = f"{self.who}: stage {s}"
         with_state = self.mode is Mode.BAGPIPE and not plan.read_only
         answers = []
         for k, msg in enumerate(messages):
@@ -124,9 +142,8 @@ class StageServer:
                 shard.checked_out[local] = True
                 state = shard.state.index_select(0, idx).numpy()
             answers.append(Answer(msg.fetch_keys, shard.values.index_select(0, idx).numpy(), state))
-            self._served_last_stage[k] = msg.fetch_keys.copy()
             report.rows_fetched += len(msg.fetch_keys)
-        return answers, report
+        return answers
 
 
 def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None:
@@ -152,7 +169,7 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
         answers, report = server.apply(plan, messages)
         bytes_out = sum(channel.send_answer(s, k, answer) for k, answer in enumerate(answers))
         if s >= 0 and not plan.read_only:
-            msg = wire.encode(wire.SERVER_FIELDS, {"stage": s, "rows_digest": report.rows_digest,
+            msg = wire.encode(wire.SERVER_FIELDS, {"stage": s, "rows_digest": report.rows_digest, "lr": report.lr,
                                                    "bytes_in": bytes_in, "bytes_out": bytes_out})
             pending_metrics.append((dist.isend(msg, roles.oracle, group=groups.metrics), msg))
             if len(pending_metrics) > 64:

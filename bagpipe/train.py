@@ -11,8 +11,8 @@ import os
 import sys
 import time
 
-from bagpipe.config import (DENSE_OPTIMIZERS, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig, ConfigError,
-                            DataConfig, Mode, ModelConfig, OptimizerConfig, RunConfig)
+from bagpipe.config import (DENSE_OPTIMIZERS, LR_SCHEDULES, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig,
+                            ConfigError, DataConfig, LRSchedule, Mode, ModelConfig, OptimizerConfig, RunConfig)
 from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
@@ -51,7 +51,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of both optimizers unless overridden")
     p.add_argument("--sparse-lr", type=float, default=None)
     p.add_argument("--dense-lr", type=float, default=None)
-    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="learning-rate schedule of both optimizers (default: from the flags below: dlrm with "
+                        "--decay-iters, warmup with --warmup-iters, else constant)")
+    p.add_argument("--warmup-iters", type=int, default=0, help="linear warmup over this many iterations")
+    p.add_argument("--decay-start", type=int, default=None,
+                   help="dlrm schedule: first iteration of the decay (default: the end of the warmup)")
+    p.add_argument("--decay-iters", type=int, default=0,
+                   help="dlrm schedule: the polynomial (power 2) decay to zero spans this many iterations")
     p.add_argument("--initial-accumulator", type=float, default=0.0,
                    help="initial Adagrad accumulator of every row and dense parameter")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +119,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         sparse_lr=args.sparse_lr if args.sparse_lr is not None else lr,
         dense=args.dense_optimizer or ("adagrad" if args.optimizer != "sgd" else "sgd"),
         dense_lr=args.dense_lr if args.dense_lr is not None else lr,
-        warmup_iters=args.warmup_iters,
+        schedule=LRSchedule.resolve(args.lr_schedule, args.warmup_iters, args.decay_start, args.decay_iters),
         initial_accumulator=args.initial_accumulator,
     )
     data = DataConfig(

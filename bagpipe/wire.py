@@ -11,13 +11,13 @@ import torch
 
 # (name, kind): kind "i" integer (digests are taken mod 2^64), "f" float
 TRAINER_FIELDS = (
-    ("iter", "i"), ("loss", "f"), ("dense_digest", "i"), ("rows_digest", "i"),
+    ("iter", "i"), ("loss", "f"), ("dense_digest", "i"), ("rows_digest", "i"), ("lr_sparse", "f"), ("lr_dense", "f"),
     ("time_data", "f"), ("time_plan", "f"), ("time_wait", "f"), ("time_compute", "f"), ("time_exchange", "f"),
     ("time_update", "f"), ("time_iter", "f"), ("elapsed", "f"),
     ("rows_read", "i"), ("rows_fetched", "i"), ("rows_written_back", "i"),
     ("bytes_server", "i"), ("bytes_exchange", "i"), ("bytes_dense", "i"), ("cache_occupancy", "i"),
 )
-SERVER_FIELDS = (("stage", "i"), ("rows_digest", "i"), ("bytes_in", "i"), ("bytes_out", "i"))
+SERVER_FIELDS = (("stage", "i"), ("rows_digest", "i"), ("lr", "f"), ("bytes_in", "i"), ("bytes_out", "i"))
 FINAL_SERVER_FIELDS = (("rows_digest", "i"), ("rows_checked_out", "i"), ("peak_rss_kb", "i"))
 FINAL_TRAINER_FIELDS = (("dense_digest", "i"), ("peak_rss_kb", "i"))
 
@@ -30,7 +30,7 @@ def _to_i64(value: int) -> int:
 def encode(layout, values: dict) -> torch.Tensor:
     out = np.zeros(len(layout), dtype=np.int64)
     for j, (name, kind) in enumerate(layout):
-        v = values.get(name, 0)
+        v = values.get(name, float("nan") if kind == "f" else 0)
         if kind == "f":
             out[j] = np.array([float(v)], dtype=np.float64).view(np.int64)[0]
         else:

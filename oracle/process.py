@@ -164,6 +164,10 @@ class MetricsCollector:
             rows_digest = (sum(r["rows_digest"] for r in reports) + sum(s["rows_digest"] for s in servers)) % (1 << 64)
             loss = reports[0]["loss"]
             record = {"iter": i, "loss": loss, "digest": iteration_digest(loss, reports[0]["dense_digest"], rows_digest)}
+            # the rates in use: owners apply the sparse optimizer in bagpipe mode, servers in none mode
+            sparse_rates = [r["lr_sparse"] for r in reports] + [s["lr"] for s in servers]
+            record["lr_sparse"] = next((x for x in sparse_rates if not np.isnan(x)), None)
+            record["lr_dense"] = reports[0]["lr_dense"]
             # trainers run in lockstep: the slowest one's clock, and its phase split, is the iteration's
             slowest = max(reports, key=lambda r: r["time_iter"])
             for name in TIME_FIELDS:
@@ -213,6 +217,7 @@ class MetricsCollector:
             "auc": auc(labels, scores) if labels.size else float("nan"),
             "logloss": logloss(labels, scores) if labels.size else float("nan"),
             "eval_examples": int(labels.size),
+            "eval_ctr": float(labels.mean()) if labels.size else float("nan"),
             "digest": final_digest(finals[0]["dense_digest"], rows_digest),
             "peak_rss_kb": {"oracle": peak_rss_kb(), "servers": [s["peak_rss_kb"] for s in server_finals],
                             "trainers": [f["peak_rss_kb"] for f in finals]},

@@ -35,6 +35,12 @@ def test_rows_digest_is_a_sum_over_any_partition():
     neg_zero = values.copy()
     neg_zero[0, 0] = -0.0
     assert rows_digest(keys, zero) != rows_digest(keys, neg_zero)  # bits, not values
+    state_only = state.copy()
+    state_only[7, 0] = np.nextafter(state_only[7, 0], np.float32(1))  # one ulp of one row's optimizer state
+    assert rows_digest(keys, values, state_only) != whole
+    moved = keys.copy()
+    moved[[4, 5]] = moved[[5, 4]]  # the same values under swapped keys
+    assert rows_digest(moved, values, state) != whole
 
 
 def test_bytes_digest_is_order_sensitive():

@@ -64,14 +64,6 @@ def test_bagpipe_matches_none_directly(tiny_data, tmp_path):
     assert cached_fetched < none_fetched / 2
 
 
-def test_reversed_owner_contribution_order_is_caught(tiny_data, tmp_path, monkeypatch):
-    run_local(tiny_data, str(tmp_path / "local"), "--trainers", "3", iters=ITERS)
-    monkeypatch.setenv("BAGPIPE_FAULTS", "reverse_contributions")
-    run_torchrun(tiny_data, str(tmp_path / "rev"), "bagpipe", 3, 1, iters=ITERS)
-    same, _ = compare(str(tmp_path / "local"), str(tmp_path / "rev"))
-    assert not same
-
-
 def test_read_before_the_fetch_lands_is_an_error(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("BAGPIPE_FAULTS", "early_read")
     proc = run_torchrun(tiny_data, str(tmp_path / "run"), "bagpipe", 2, 1, "--lookahead", "2", check=False,
@@ -93,7 +85,7 @@ def test_initial_accumulator_is_the_same_state_everywhere(tiny_data, tmp_path, o
     run_local(tiny_data, str(tmp_path / "local"), "--trainers", "3", *args, iters=ITERS)
     run_local(tiny_data, str(tmp_path / "zero"), "--trainers", "3", "--optimizer", optimizer, iters=ITERS)
     run_torchrun(tiny_data, str(tmp_path / "none"), "none", 3, 2, *args, iters=ITERS)
-    run_torchrun(tiny_data, str(tmp_path / "bagpipe"), "bagpipe", 3, 2, *args, "--cache-rows", "130",
+    run_torchrun(tiny_data, str(tmp_path / "bagpipe"), "bagpipe", 3, 2, *args, "--cache-rows", "90",
                  "--lookahead", "7", iters=ITERS)
     for other in ("none", "bagpipe"):
         same, message = compare(str(tmp_path / "local"), str(tmp_path / other))

@@ -101,15 +101,19 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             if faults.active("reverse_contributions"):
                 parts = parts[::-1]
             grads = sum_contributions(plan.update_keys, parts, rt.d)
-            updated = cache.update(plan.update_slots, grads, opt.sparse_lr_at(i))
+            lr_sparse = opt.sparse_lr_at(faults.lr_iteration("owner", i))
+            updated = cache.update(plan.update_slots, grads, lr_sparse)
             digest = stored_rows_digest(plan.update_keys, *updated)
-            rt.dense.step(dense_grad, opt.dense_lr_at(i))
+            lr_dense = rt.dense_step(dense_grad, i)
             wb_values, wb_state = cache.evict(plan.writeback_keys, plan.writeback_slots)
+            if faults.active("drop_state_on_writeback"):
+                wb_state = torch.zeros_like(wb_state)
             bytes_server += channel.send_stage(i, NO_KEYS, None, plan.writeback_keys, wb_values, wb_state,
                                                plan.fetch_keys)
             pending.append((channel.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
         record = {
-            "iter": i, "loss": loss.item(), "rows_digest": digest, "rows_read": len(sk.keys),
+            "iter": i, "loss": loss.item(), "rows_digest": digest, "lr_sparse": lr_sparse, "lr_dense": lr_dense,
+            "rows_read": len(sk.keys),
             "rows_fetched": len(plan.fetch_keys) + (len(boot_keys) if i == 0 else 0),
             "rows_written_back": len(plan.writeback_keys), "bytes_server": bytes_server,
             "bytes_exchange": bytes_exchange, "cache_occupancy": cache.occupancy,

@@ -47,7 +47,8 @@ class DenseState:
 
 
 def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[str, float]:
-    """AUC and logloss over eval batches; `lookup(keys) -> [u, row_dim]` reads rows."""
+    """AUC, logloss and the labels' positive rate (for NE) over eval batches;
+    `lookup(keys) -> [u, row_dim]` reads rows."""
     labels, logits = [], []
     with torch.no_grad():
         for batch in batches:
@@ -56,9 +57,9 @@ def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[st
             labels.append(batch.labels)
             logits.append(out.numpy())
     if not labels:
-        return {"auc": float("nan"), "logloss": float("nan"), "eval_examples": 0}
+        return {"auc": float("nan"), "logloss": float("nan"), "eval_examples": 0, "ctr": float("nan")}
     y, z = np.concatenate(labels), np.concatenate(logits)
-    return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size)}
+    return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size), "ctr": float(y.mean())}
 
 
 class IterationClock:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bagpipe import faults
 from bagpipe.config import RunConfig
 from bagpipe.digest import final_digest, iteration_digest, stored_rows_digest
 from bagpipe.embedding import slice_keys, sum_contributions, union_of
@@ -73,14 +74,17 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
                                           batch_size))
         with clock.phase("update"):
             loss = ordered_sum([r.loss for r in results])
-            dense.step(ordered_sum([r.dense_grad for r in results]), opt.dense_lr_at(i))
+            lr_dense = opt.dense_lr_at(faults.lr_iteration("local_dense", i))
+            lr_sparse = opt.sparse_lr_at(faults.lr_iteration("local_sparse", i))
+            dense.step(ordered_sum([r.dense_grad for r in results]), lr_dense)
             key_sets = [sk.keys for sk in slices]
             union = union_of(key_sets)
             grads = sum_contributions(union, list(zip(key_sets, [r.row_grads for r in results])), rows.row_dim)
-            updated = tables.update(union, grads, opt.sparse_lr_at(i))
+            updated = tables.update(union, grads, lr_sparse)
             digest = iteration_digest(loss.item(), dense.digest(with_optimizer_state=False),
                                       stored_rows_digest(union, *updated))
-        record = {"iter": i, "loss": loss.item(), "digest": digest, "rows_read": int(sum(len(s) for s in key_sets)),
+        record = {"iter": i, "loss": loss.item(), "digest": digest, "lr_sparse": lr_sparse, "lr_dense": lr_dense,
+                  "rows_read": int(sum(len(s) for s in key_sets)),
                   "rows_touched": int(len(union))}
         timing = clock.lap()
         record.update(timing)
@@ -107,6 +111,7 @@ def train_local(cfg: RunConfig, data: RunData, writer) -> dict:
         "auc": eval_result.get("auc"),
         "logloss": eval_result.get("logloss"),
         "eval_examples": eval_result.get("eval_examples"),
+        "eval_ctr": eval_result.get("ctr"),
         "digest": final_digest(dense.digest(with_optimizer_state=True), tables.digest()),
         "rows_fetched": 0,
         "bytes_moved": 0,

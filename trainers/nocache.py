@@ -16,7 +16,7 @@ from bagpipe.trainers.step import slice_step
 
 
 def run_nocache_trainer(rt: TrainerRuntime) -> None:
-    cfg, opt, channel = rt.cfg, rt.cfg.optimizer, rt.channel
+    cfg, channel = rt.cfg, rt.channel
     clock = rt.start_clock()
     batches = rt.slices()
     current = rt.read_slice(batches)
@@ -45,8 +45,9 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
             pending = channel.post_answers(i, fetch_keys, with_state=False)
             dense_grad, loss = rt.finish_dense_reduction()
         with clock.phase("update"):
-            rt.dense.step(dense_grad, opt.dense_lr_at(i))
-        record = {"iter": i, "loss": loss.item(), "rows_read": len(sk.keys), "rows_fetched": len(sk.keys),
+            lr_dense = rt.dense_step(dense_grad, i)
+        record = {"iter": i, "loss": loss.item(), "lr_dense": lr_dense, "rows_read": len(sk.keys),
+                  "rows_fetched": len(sk.keys),
                   "bytes_server": fetched_bytes + sent}
         if rt.k == 0:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)

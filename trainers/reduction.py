@@ -18,6 +18,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from bagpipe import faults
 from bagpipe.transport import wait
 
 
@@ -63,7 +64,8 @@ class ShardedOrderedSum:
         self._work = None
         pieces = self._pieces.view(self.trainers, self.shard)
         self._mine.zero_()
-        for r in range(self.trainers):
+        order = range(self.trainers - 1, -1, -1) if faults.active("reverse_dense") else range(self.trainers)
+        for r in order:
             self._mine += pieces[r]
         outs = list(self._out.view(self.trainers, self.shard))
         wait(dist.all_gather(outs, self._mine, group=self.group, async_op=True), f"{self.who}: dense gradient gather")

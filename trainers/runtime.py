@@ -95,6 +95,12 @@ class TrainerRuntime:
         total = self.reduction.finish()
         return total[:-1], total[-1].clone()
 
+    def dense_step(self, summed_grad: torch.Tensor, iteration: int) -> float:
+        """The dense optimizer's step; returns the learning rate it used."""
+        lr = self.cfg.optimizer.dense_lr_at(faults.lr_iteration("trainer_dense", iteration))
+        self.dense.step(summed_grad, lr)
+        return lr
+
     # --- reports to the oracle ----------------------------------------------------------
     def report(self, record: dict) -> None:
         """Send one iteration's record; the clock's lap closes the iteration."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bagpipe import faults
+
 
 @dataclass
 class SliceResult:
@@ -40,7 +42,8 @@ def slice_step(
     """Forward/backward of one slice; loss scaled by 1/B so contributions sum."""
     w = working_set.detach().requires_grad_(True)
     logits = forward_logits(model, dense, w, inverse)
-    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / global_batch
+    scale = labels.numel() if faults.active("loss_over_slice") else global_batch
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / scale
     params = flat_params(model)
     for p in params:
         p.grad = None
