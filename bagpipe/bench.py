@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from bagpipe.config import CacheSize
-from bagpipe.rundir import write_json_atomic
+from bagpipe.files import write_json_atomic
 
-SWEEP_KEYS = ("lookahead", "cache_rows", "zipf", "trainers", "table_scale")
+SWEEP_KEYS = ("lookahead", "cache_rows", "zipf", "trainers", "table_scale", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Variant:
     cache_rows: str | None = None  # CacheSize syntax: R, P% or unlimited
     data: str = ""
     label_extra: str = ""
+    checkpoint_every: int | None = None  # None: only the final checkpoint (after the measured loop)
 
     @property
     def label(self) -> str:
@@ -52,6 +53,8 @@ class Variant:
 
     def train_args(self) -> list[str]:
         args = ["--mode", self.mode, "--data", self.data]
+        if self.checkpoint_every is not None:
+            args += ["--checkpoint-every", str(self.checkpoint_every)]
         if self.mode == "local":
             args += ["--trainers", str(self.trainers), "--threads", str(self.trainers)]
         if self.mode == "bagpipe":
@@ -131,6 +134,9 @@ def build_variants(cfg: BenchConfig) -> list[Variant]:
             out += modes_at(replace(base, data=dataset_for(cfg, float(value), cfg.table_scale)), f"zipf={value}")
         elif key == "table_scale":
             out += modes_at(replace(base, data=dataset_for(cfg, cfg.zipf, float(value))), f"scale={value}")
+        elif key == "checkpoint_every":
+            every = None if value in ("none", "final") else int(value)
+            out += modes_at(replace(base, checkpoint_every=every), f"ckpt={value}")
     return out
 
 

@@ -36,6 +36,8 @@ class ResolvedPlan:
     writeback_keys: np.ndarray  # int64
     fetch_keys: np.ndarray  # int64, ascending
     fetch_slots: np.ndarray  # int64
+    flush_slots: np.ndarray  # int64: rows sent to the servers for a checkpoint, staying here
+    flush_keys: np.ndarray  # int64
 
 
 class OwnedCache:
@@ -137,9 +139,11 @@ class OwnedCache:
         order = np.argsort(upd_keys, kind="stable")
         wb_slots = np.asarray(msg.writeback_slots, dtype=np.int64)
         wb_keys = self.occupied(wb_slots, "write-back")
+        flush_slots = np.asarray(msg.flush_slots, dtype=np.int64)
+        flush_keys = self.occupied(flush_slots, "checkpoint flush")
         return ResolvedPlan(owned_pos, owned_slots, recv_pos, send_slots, upd[order], upd_keys[order], wb_slots,
                             wb_keys, np.asarray(msg.fetch_keys, dtype=np.int64),
-                            np.asarray(msg.fetch_slots, dtype=np.int64))
+                            np.asarray(msg.fetch_slots, dtype=np.int64), flush_slots, flush_keys)
 
     # --- rows in and out ---------------------------------------------------------------
     def land(self, keys: np.ndarray, slots: np.ndarray, values: torch.Tensor, state: torch.Tensor | None) -> None:
@@ -162,6 +166,11 @@ class OwnedCache:
         self.slot_keys[slots] = keys
         self._keys = np.insert(self._keys, pos, keys)
         self._slots = np.insert(self._slots, pos, slots)
+
+    def snapshot(self, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of rows' values and state (a checkpoint flush: the rows stay)."""
+        idx = torch.from_numpy(slots)
+        return self.values.index_select(0, idx), self.state.index_select(0, idx)
 
     def evict(self, keys: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows leave (write-back): their value and state, and the slots free up."""

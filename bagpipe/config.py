@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -279,6 +280,32 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """When and where a job saves its state (DESIGN.md section 9), and which to resume."""
+
+    every: int | None = None  # iterations between checkpoints; None: only the final one
+    dir: str | None = None  # default RUN_DIR/checkpoints
+    keep: int = 2  # complete checkpoints kept (older ones go once a newer one is complete)
+    final: bool = True  # a successful run ends with a checkpoint
+    resume: str | None = None  # "latest" or a checkpoint directory
+
+    def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep}")
+
+    def root(self, run_dir: str) -> str:
+        return self.dir or os.path.join(run_dir, "checkpoints")
+
+    def after(self, iteration: int, last: int) -> bool:
+        """Is a checkpoint taken after (0-based, absolute) `iteration`, `last` the final one?"""
+        if iteration == last and self.final:
+            return True
+        return self.every is not None and (iteration + 1) % self.every == 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -290,8 +317,14 @@ class RunConfig:
     run_dir: str = "runs/default"
     threads: int = 1  # torch threads per process; bits are only promised at equal thread counts
     tensorboard: str | None = None  # also write scalars here (bagpipe[tensorboard])
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    overwrite: bool = False  # start fresh in a run directory that holds another run
 
     def __post_init__(self) -> None:
+        if isinstance(self.checkpoint, dict):  # from config.json
+            object.__setattr__(self, "checkpoint", CheckpointConfig(**self.checkpoint))
+        if self.overwrite and self.checkpoint.resume:
+            raise ConfigError("--overwrite starts afresh and --resume continues: give one of them")
         batch, trainers = self.data.batch_size, self.cluster.trainers
         if batch <= 0:
             raise ConfigError(f"--batch-size must be positive, got {batch}")

@@ -17,10 +17,7 @@ Nothing in it depends on how the model was trained (mode, T, S, caches).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bagpipe.config import ConfigError, ModelConfig
+from bagpipe.files import check_listed, fsync_dir, listing, read_manifest, write_atomic, write_json_atomic
 
 FORMAT = "bagpipe-model"
 VERSION = 1
@@ -55,14 +53,6 @@ class ExportedModel:
         return module
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_export(out: str, model: ModelConfig, seed: int, iteration: int, dense_state: dict[str, torch.Tensor],
                  keys: np.ndarray, values: np.ndarray) -> None:
     """Write an export from every row's key (bagpipe.rows.RowSpace) and value [n, row_dim]."""
@@ -79,32 +69,12 @@ def write_export(out: str, model: ModelConfig, seed: int, iteration: int, dense_
     columns = pa.table({"table": table, "id": keys - offsets[table],
                         "value": pa.FixedSizeListArray.from_arrays(flat, model.row_dim)})
     arrays = {k: v.detach().cpu().numpy() for k, v in dense_state.items()}
-    files = {}
-    for name, write in (("tables.parquet", lambda f: pq.write_table(columns, f)),
-                        ("dense.npz", lambda f: np.savez(f, **arrays))):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, os.path.join(out, name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        path = os.path.join(out, name)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    write_atomic(os.path.join(out, "tables.parquet"), lambda f: pq.write_table(columns, f))
+    write_atomic(os.path.join(out, "dense.npz"), lambda f: np.savez(f, **arrays))
     manifest = {"format": FORMAT, "version": VERSION, "model": asdict(model), "seed": seed, "row_dim": model.row_dim,
-                "iteration": iteration, "files": files}
-    fd, tmp = tempfile.mkstemp(prefix=".model.json.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, os.path.join(out, "model.json"))
+                "iteration": iteration, "files": listing(out, ["tables.parquet", "dense.npz"])}
+    write_json_atomic(os.path.join(out, "model.json"), manifest)  # last: no model.json, no export
+    fsync_dir(out)
 
 
 def read_export(path: str) -> ExportedModel:
@@ -112,20 +82,14 @@ def read_export(path: str) -> ExportedModel:
     manifest_path = os.path.join(path, "model.json")
     if not os.path.isfile(manifest_path):
         raise ExportError(f"{path}: not a model export (no model.json)")
+    manifest = read_manifest(manifest_path, FORMAT, VERSION, ExportError)
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ExportError(f"{manifest_path}: format {manifest.get('format')!r} version "
-                              f"{manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}")
         model = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"].items()})
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
+        files = manifest["files"]
+    except (KeyError, TypeError, AttributeError, ConfigError) as err:
         raise ExportError(f"{manifest_path}: malformed: {err}") from err
-    for name, want in manifest["files"].items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file) or os.path.getsize(file) != want["bytes"] or _sha256(file) != want["sha256"]:
-            raise ExportError(f"{file}: missing, truncated or changed since it was exported (size or checksum "
-                              f"differs from model.json)")
+    for name, want in files.items():
+        check_listed(path, name, want, ExportError)
     with np.load(os.path.join(path, "dense.npz"), allow_pickle=False) as npz:
         dense_state = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
     columns = pq.read_table(os.path.join(path, "tables.parquet"))
@@ -137,3 +101,20 @@ def read_export(path: str) -> ExportedModel:
         if rows.shape[0] != card:
             raise ExportError(f"{path}: table {t} has {rows.shape[0]} rows, the model says {card}")
     return ExportedModel(model, int(manifest["seed"]), int(manifest["iteration"]), dense_state, tables)
+
+
+def export_checkpoint(checkpoint_path: str, out: str, overwrite: bool = False) -> ExportedModel:
+    """`bagpipe export`: a training checkpoint (any mode, T and S) as an export."""
+    from bagpipe.checkpoint import load_rows, open_checkpoint
+    from bagpipe.config import RunConfig
+    from bagpipe.placement import Placement
+
+    ckpt = open_checkpoint(checkpoint_path)
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise ExportError(f"{out}: exists and is not empty (give --overwrite to replace it)")
+    cfg = RunConfig.from_dict(ckpt.config)
+    keys, values, _ = load_rows(ckpt, Placement(1), 0)
+    with np.load(ckpt.file("dense.npz"), allow_pickle=False) as npz:
+        dense_state = {k[len("param/"):]: torch.from_numpy(npz[k].copy()) for k in npz.files if k.startswith("param/")}
+    write_export(out, cfg.model, cfg.seed, ckpt.iterations, dense_state, keys, values)
+    return read_export(out)

@@ -14,7 +14,7 @@ table of rules, the tests that guard them and the fault each test must catch:
 - ``early_read``: the oracle lets a trainer read a row one stage before its fetch lands
 - ``lr_next:<role>``: one role takes the learning rate of the next iteration
   (roles ``server``, ``owner``, ``trainer_dense``, ``local_sparse``, ``local_dense``)
-- ``kill:<role><index>@<step>``: SIGKILL a process
+- ``kill:<role><index>@<step>``: SIGKILL a process; ``stop:<role><index>@<step>``: SIGSTOP it (a hung peer)
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def lr_iteration(role: str, iteration: int) -> int:
 
 
 def maybe_kill(role: str, index: int, step: int) -> None:
-    """SIGKILL this process when the fault list names it at this step: a real crash."""
-    if f"kill:{role}{index}@{step}" in _faults():
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL (a real crash) or SIGSTOP (a hang) this process when the fault list names
+    it at this step. Only in a job's first attempt, so a restarted job runs through."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    faults = _faults()
+    for prefix, sig in (("kill", signal.SIGKILL), ("stop", signal.SIGSTOP)):
+        if f"{prefix}:{role}{index}@{step}" in faults:
+            os.kill(os.getpid(), sig)

@@ -84,6 +84,10 @@ class TrainerPlan:
     fetch_slots: np.ndarray  # int64 [f]
     # before `iteration` starts, wait for fetch answers of every stage <= this
     wait_through_stage: int = -2
+    # stage `iteration` is a checkpoint: rows changed since their fetch (or the last
+    # flush) go to the servers with their state and stay resident
+    flush_slots: np.ndarray = field(default_factory=lambda: EMPTY_I64)
+    flush_keys: np.ndarray = field(default_factory=lambda: EMPTY_I64)
 
 
 @dataclass
@@ -96,6 +100,12 @@ class ServerPlan:
     writeback_counts: np.ndarray  # int [T]: rows written back with state (bagpipe mode)
     fetch_counts: np.ndarray  # int [T]: rows to fetch for later iterations
     read_only: bool = False  # evaluation reads: fetched rows are not checked out to a cache
+    flush_counts: np.ndarray | None = None  # int [T]: rows flushed at a checkpoint (stay cached)
+    checkpoint: int = 0  # > 0: after this stage, write the shard as the checkpoint of this many iterations
+
+    def __post_init__(self) -> None:
+        if self.flush_counts is None:
+            self.flush_counts = np.zeros(len(self.grad_counts), dtype=np.int64)
 
     @classmethod
     def stop(cls, server: int, trainers: int) -> "ServerPlan":
@@ -106,27 +116,31 @@ class ServerPlan:
     def is_stop(self) -> bool:
         return self.stage == STOP_STAGE
 
-    def counts(self, trainer: int) -> tuple[int, int, int]:
-        return int(self.grad_counts[trainer]), int(self.writeback_counts[trainer]), int(self.fetch_counts[trainer])
+    def counts(self, trainer: int) -> tuple[int, int, int, int]:
+        """Rows of each section of trainer `trainer`'s stage frame: gradients, write-backs, flushes, fetches."""
+        return (int(self.grad_counts[trainer]), int(self.writeback_counts[trainer]), int(self.flush_counts[trainer]),
+                int(self.fetch_counts[trainer]))
 
     def encode(self) -> np.ndarray:
-        header = np.array([_SERVER_MAGIC, self.stage, self.server, int(self.read_only), len(self.grad_counts)],
-                          dtype=np.int64)
-        counts = np.concatenate([self.grad_counts, self.writeback_counts, self.fetch_counts]).astype(np.int32)
+        header = np.array([_SERVER_MAGIC, self.stage, self.server, int(self.read_only), self.checkpoint,
+                           len(self.grad_counts)], dtype=np.int64)
+        counts = np.concatenate([self.grad_counts, self.writeback_counts, self.flush_counts,
+                                 self.fetch_counts]).astype(np.int32)
         return np.concatenate([header.view(np.uint8), counts.view(np.uint8)])
 
     @classmethod
     def decode(cls, buf: np.ndarray) -> "ServerPlan":
         reader = _Reader(buf, "server plan")
         reader.expect_magic(_SERVER_MAGIC)
-        stage, server, read_only, trainers = reader.take(np.int64, 4)
-        counts = reader.take(np.int32, 3 * int(trainers)).astype(np.int64).reshape(3, -1)
+        stage, server, read_only, checkpoint, trainers = (int(x) for x in reader.take(np.int64, 5))
+        counts = reader.take(np.int32, 4 * trainers).astype(np.int64).reshape(4, -1)
         reader.done()
-        return cls(int(stage), int(server), counts[0], counts[1], counts[2], bool(read_only))
+        return cls(stage, server, counts[0], counts[1], counts[3], bool(read_only), counts[2], checkpoint)
 
 
 def server_plans(stage: int, placement: Placement, writeback_keys: list[np.ndarray], fetch_keys: list[np.ndarray],
-                 grad_keys: list[np.ndarray] | None = None, read_only: bool = False) -> list[ServerPlan]:
+                 grad_keys: list[np.ndarray] | None = None, read_only: bool = False,
+                 flush_keys: list[np.ndarray] | None = None) -> list[ServerPlan]:
     """Each server's message counts at `stage`, from every trainer's key lists."""
     S, T = placement.servers, len(fetch_keys)
 
@@ -137,8 +151,8 @@ def server_plans(stage: int, placement: Placement, writeback_keys: list[np.ndarr
                 out[:, t] = placement.counts(lists[t])
         return out
 
-    wb, fe, gr = per_server(writeback_keys), per_server(fetch_keys), per_server(grad_keys)
-    return [ServerPlan(stage, j, gr[j].copy(), wb[j].copy(), fe[j].copy(), read_only) for j in range(S)]
+    wb, fe, gr, fl = per_server(writeback_keys), per_server(fetch_keys), per_server(grad_keys), per_server(flush_keys)
+    return [ServerPlan(stage, j, gr[j].copy(), wb[j].copy(), fe[j].copy(), read_only, fl[j].copy()) for j in range(S)]
 
 
 @dataclass
@@ -156,6 +170,7 @@ class PlanStats:
     capacity_evictions: int = 0
     postponed: int = 0  # fetches that did not fit at their stage
     fetched_one_ahead: int = 0  # fetches landing only one iteration before their use
+    flushed: int = 0  # rows flushed to the servers for a checkpoint (they stay cached)
     fetched_for_use: int = 0  # rows of this iteration that had to be fetched for it
     gradients: int = 0  # gradient rows sent to servers (`none`)
     exchange_rows: int = 0  # values sent owner -> reader (= contributions back)
@@ -173,6 +188,18 @@ class IterationPlan:
     servers: list[ServerPlan]  # for stage == iteration
     stats: PlanStats
 
+    def shift(self, offset: int) -> None:
+        """Renumber iterations and stages by `offset` (a resumed run plans from 0 internally)."""
+        if not offset:
+            return
+        self.iteration += offset
+        for tp in self.trainers:
+            tp.iteration += offset
+            tp.wait_through_stage += offset
+        for sp in self.servers:
+            sp.stage += offset
+        self.stats.stage += offset
+
 
 @dataclass
 class PlanMessage:
@@ -189,6 +216,7 @@ class PlanMessage:
     writeback_slots: np.ndarray  # int32 [w]
     fetch_keys: np.ndarray  # key dtype [f], ascending
     fetch_slots: np.ndarray  # int32 [f]
+    flush_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32: checkpoint flush
 
     @classmethod
     def from_plan(cls, plan: TrainerPlan, trainers: int, total_rows: int) -> "PlanMessage":
@@ -206,6 +234,7 @@ class PlanMessage:
             writeback_slots=np.asarray(plan.writeback_slots, dtype=np.int32),
             fetch_keys=np.asarray(plan.fetch_keys).astype(key_dtype(total_rows)),
             fetch_slots=np.asarray(plan.fetch_slots, dtype=np.int32),
+            flush_slots=np.asarray(plan.flush_slots, dtype=np.int32),
         )
 
     def check_reads(self, reads: np.ndarray, who: str) -> None:
@@ -221,18 +250,19 @@ class PlanMessage:
         kd = self.fetch_keys.dtype.itemsize
         header = np.array([_PLAN_MAGIC, self.iteration, self.trainer, self.wait_through_stage, self.reads_count,
                            _as_i64(self.reads_checksum), self.owned_count, T, kd, len(self.recv_owner),
-                           len(self.writeback_slots), len(self.fetch_keys)], dtype=np.int64)
+                           len(self.writeback_slots), len(self.fetch_keys), len(self.flush_slots)], dtype=np.int64)
         lengths = np.array([len(s) for s in self.send_slots], dtype=np.int32)
         parts = [header, self.fetch_keys, lengths, *self.send_slots, self.writeback_slots.astype(np.int32),
-                 self.fetch_slots.astype(np.int32), self.recv_owner.astype(_owner_dtype(T))]
+                 self.fetch_slots.astype(np.int32), self.flush_slots.astype(np.int32),
+                 self.recv_owner.astype(_owner_dtype(T))]
         return np.concatenate([np.ascontiguousarray(p).view(np.uint8).ravel() for p in parts])
 
     @classmethod
     def decode(cls, buf: np.ndarray) -> "PlanMessage":
         reader = _Reader(buf, "trainer plan")
         reader.expect_magic(_PLAN_MAGIC)
-        (iteration, trainer, wait_through, reads_count, checksum, owned, T, kd, n_owner, n_wb,
-         n_fetch) = (int(x) for x in reader.take(np.int64, 11))
+        (iteration, trainer, wait_through, reads_count, checksum, owned, T, kd, n_owner, n_wb, n_fetch,
+         n_flush) = (int(x) for x in reader.take(np.int64, 12))
         if kd not in (4, 8) or T < 1:
             raise PlanFormatError(f"trainer plan: corrupt header (key width {kd}, trainers {T})")
         fetch_keys = reader.take(np.int32 if kd == 4 else np.int64, n_fetch)
@@ -240,10 +270,11 @@ class PlanMessage:
         send_slots = [reader.take(np.int32, int(n)) for n in lengths]
         writeback_slots = reader.take(np.int32, n_wb)
         fetch_slots = reader.take(np.int32, n_fetch)
+        flush_slots = reader.take(np.int32, n_flush)
         recv_owner = reader.take(_owner_dtype(T), n_owner)
         reader.done()
         return cls(iteration, trainer, wait_through, reads_count, checksum % (1 << 64), owned, recv_owner,
-                   send_slots, writeback_slots, fetch_keys, fetch_slots)
+                   send_slots, writeback_slots, fetch_keys, fetch_slots, flush_slots)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PlanMessage):

@@ -19,6 +19,7 @@ checked-out row (a stale read) or a write-back of a row not checked out is an er
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from bagpipe import faults, wire
+from bagpipe.checkpoint import BackgroundWriter, Checkpoint, CheckpointError, load_rows, name_for
 from bagpipe.config import Mode, RunConfig
 from bagpipe.digest import stored_rows_digest
 from bagpipe.embedding import sum_contributions, union_of
@@ -36,19 +38,33 @@ from bagpipe.placement import Placement
 from bagpipe.plan import ServerPlan
 from bagpipe.protocol import Answer, FrameLayout, ServerChannel, StageMessage
 from bagpipe.rows import RowSpace
-from bagpipe.transport import Groups, Roles, StreamReceiver, ready, wait
+from bagpipe.transport import Groups, Roles, StreamReceiver, posted, ready, wait
 
 
 class Shard:
     """Server j's rows: values, optimizer state, and which rows are checked out to a cache."""
 
-    def __init__(self, rows: RowSpace, placement: Placement, index: int, optimizer: SparseOptimizer):
+    def __init__(self, rows: RowSpace, placement: Placement, index: int, optimizer: SparseOptimizer,
+                 saved: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        """`saved`: (keys, values, state) from a checkpoint; else every row's initial value."""
         self.rows, self.placement, self.index, self.optimizer = rows, placement, index, optimizer
         self.keys = placement.shard_keys(index, rows.total_rows)
-        self.values = rows.init_tensor(
-            np.arange(len(self.keys)) if faults.active("init_by_position") else self.keys)
-        self.state = optimizer.initial_state(len(self.keys))
+        if saved is not None:
+            keys, values, state = saved
+            if not np.array_equal(keys, self.keys) or values.shape != (len(self.keys), rows.row_dim) \
+                    or state.shape != (len(self.keys), optimizer.state_dim):
+                raise CheckpointError(f"server {index}: the checkpoint's rows do not cover this shard "
+                                      f"({len(keys)} rows for {len(self.keys)}, or other row or state widths)")
+            self.values, self.state = torch.from_numpy(values), torch.from_numpy(state)
+        else:
+            self.values = rows.init_tensor(
+                np.arange(len(self.keys)) if faults.active("init_by_position") else self.keys)
+            self.state = optimizer.initial_state(len(self.keys))
         self.checked_out = np.zeros(len(self.keys), dtype=bool)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of the shard's rows, to write as a checkpoint part while the server goes on."""
+        return {"keys": self.keys, "values": self.values.numpy().copy(), "state": self.state.numpy().copy()}
 
     def local(self, keys: np.ndarray, who: str) -> torch.Tensor:
         if not self.placement.holds(self.index, keys, self.rows.total_rows):
@@ -66,6 +82,7 @@ class StageReport:
     rows_digest: int = 0  # digest of the rows this server updated (none mode)
     rows_updated: int = 0
     rows_written_back: int = 0
+    rows_flushed: int = 0
     rows_fetched: int = 0
     lr: float = float("nan")  # the learning rate its updates used (none mode)
 
@@ -111,19 +128,26 @@ class StageServer:
                                                   report.lr)
             report.rows_digest = stored_rows_digest(union, *updated)
             report.rows_updated = len(union)
-        # 2. write-backs (bagpipe mode): value and state of rows leaving a cache
+        # 2. write-backs (bagpipe mode): value and state of rows leaving a cache; at a
+        # checkpoint, flushes: the same for rows that stay cached (still checked out)
         for k, msg in enumerate(messages):
-            if not len(msg.writeback_keys):
-                continue
-            idx = shard.local(msg.writeback_keys, where)
-            local = idx.numpy()
-            if not shard.checked_out[local].all():
-                raise PeerError(f"{where}: write-back of rows not checked out to {self.describe_trainer(k)}")
-            shard.values.index_copy_(0, idx, torch.from_numpy(msg.writeback_values))
-            if shard.optimizer.state_dim:
-                shard.state.index_copy_(0, idx, torch.from_numpy(msg.writeback_state))
-            shard.checked_out[local] = False
-            report.rows_written_back += len(local)
+            for keys, values, state, leaving in ((msg.writeback_keys, msg.writeback_values, msg.writeback_state, True),
+                                                 (msg.flush_keys, msg.flush_values, msg.flush_state, False)):
+                if not len(keys):
+                    continue
+                idx = shard.local(keys, where)
+                local = idx.numpy()
+                if not shard.checked_out[local].all():
+                    what = "write-back" if leaving else "checkpoint flush"
+                    raise PeerError(f"{where}: {what} of rows not checked out to {self.describe_trainer(k)}")
+                shard.values.index_copy_(0, idx, torch.from_numpy(values))
+                if shard.optimizer.state_dim:
+                    shard.state.index_copy_(0, idx, torch.from_numpy(state))
+                if leaving:
+                    shard.checked_out[local] = False
+                    report.rows_written_back += len(local)
+                else:
+                    report.rows_flushed += len(local)
 
     def _answer(self, plan: ServerPlan, messages: list[StageMessage], report: StageReport) -> list[Answer]:
         """3. answer fetches with values after this stage."""
@@ -146,12 +170,17 @@ class StageServer:
         return answers
 
 
-def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None:
+def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int, resume: Checkpoint | None = None) -> None:
     me = roles.servers[index]
     desc = roles.describe(me)
     rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
     optimizer = SparseOptimizer.from_config(cfg.optimizer, rows.row_dim)
-    shard = Shard(rows, Placement(cfg.cluster.servers), index, optimizer)
+    placement = Placement(cfg.cluster.servers)
+    saved = load_rows(resume, placement, index) if resume is not None else None
+    shard = Shard(rows, placement, index, optimizer, saved)
+    writer = BackgroundWriter(desc)
+    root = cfg.checkpoint.root(cfg.run_dir)
+    first_iteration = resume.iterations if resume is not None else 0
     server = StageServer(shard, cfg.cluster.mode, len(roles.trainers), cfg.optimizer.sparse_lr_at, desc,
                          lambda k: roles.describe(roles.trainers[k]))
     layout = FrameLayout(rows.row_dim, optimizer.state_dim, rows.total_rows)
@@ -167,17 +196,24 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int) -> None
         faults.maybe_kill("server", index, s)
         messages, bytes_in = channel.receive_stage(s, [plan.counts(k) for k in range(len(roles.trainers))])
         answers, report = server.apply(plan, messages)
+        writer.check()  # a failed checkpoint write fails the job here, naming this server
         bytes_out = sum(channel.send_answer(s, k, answer) for k, answer in enumerate(answers))
-        if s >= 0 and not plan.read_only:
+        if plan.checkpoint:  # the shard now holds every update through this stage
+            writer.submit(os.path.join(root, name_for(plan.checkpoint)), f"server-{index:04d}",
+                          arrays=shard.snapshot())
+        if s >= first_iteration and not plan.read_only:  # (the bootstrap stage has no iteration to report)
             msg = wire.encode(wire.SERVER_FIELDS, {"stage": s, "rows_digest": report.rows_digest, "lr": report.lr,
                                                    "bytes_in": bytes_in, "bytes_out": bytes_out})
-            pending_metrics.append((dist.isend(msg, roles.oracle, group=groups.metrics), msg))
+            to_oracle = f"{desc}: stage {s} report to {roles.describe(roles.oracle)}"
+            pending_metrics.append((posted(to_oracle, dist.isend, msg, roles.oracle, group=groups.metrics), msg))
             if len(pending_metrics) > 64:
                 wait(pending_metrics.pop(0)[0], f"{desc}: metrics to oracle")
     channel.flush()
+    writer.close()
     for work, _ in pending_metrics:
         wait(work, f"{desc}: final sends")
     final = wire.encode(wire.FINAL_SERVER_FIELDS, {"rows_digest": shard.digest(),
                                                    "rows_checked_out": int(shard.checked_out.sum()),
                                                    "peak_rss_kb": peak_rss_kb()})
-    wait(dist.isend(final, roles.oracle, group=groups.metrics), f"{desc}: final digest to oracle")
+    what = f"{desc}: final digest to {roles.describe(roles.oracle)}"
+    wait(posted(what, dist.isend, final, roles.oracle, group=groups.metrics), what)

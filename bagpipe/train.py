@@ -12,7 +12,8 @@ import sys
 import time
 
 from bagpipe.config import (DENSE_OPTIMIZERS, LR_SCHEDULES, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig,
-                            ConfigError, DataConfig, LRSchedule, Mode, ModelConfig, OptimizerConfig, RunConfig)
+                            CheckpointConfig, ConfigError, DataConfig, LRSchedule, Mode, ModelConfig, OptimizerConfig,
+                            RunConfig)
 from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
@@ -71,6 +72,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (digests are comparable only at equal thread counts)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent peer fails the job")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save a checkpoint every N iterations (default: only the final one)")
+    p.add_argument("--checkpoint-dir", default=None, help="default: RUN_DIR/checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="complete checkpoints kept")
+    p.add_argument("--no-final-checkpoint", action="store_true", help="do not save a checkpoint at the end")
+    p.add_argument("--resume", default=None, metavar="latest|PATH",
+                   help="continue from the latest checkpoint of the run directory, or from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds another run (its files are removed)")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write TensorBoard scalars to DIR (needs the extra: pip install 'bagpipe[tensorboard]')")
     p.add_argument("--node-roles", default=None,
@@ -91,10 +101,16 @@ def ensure_default_data(path: str = DEFAULT_DATA, wait_s: float = 600.0) -> str:
                 raise ConfigError(f"{path}: the default dataset did not appear within {wait_s:.0f} s")
             time.sleep(0.2)
         return path
+    import fcntl
+
     from bagpipe.datasets.synthetic import generate_synthetic
 
-    print(f"generating the default synthetic dataset in {path} ...", file=sys.stderr)
-    generate_synthetic(out=path, rows=200_000, seed=0, table_scale=0.01)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(os.path.abspath(path) + ".lock", "w") as lock:  # two jobs racing: one generates, one waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(path):
+            print(f"generating the default synthetic dataset in {path} ...", file=sys.stderr)
+            generate_synthetic(out=path, rows=200_000, seed=0, table_scale=0.01)
     return path
 
 
@@ -149,6 +165,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         run_dir=args.run_dir or os.path.join("runs", args.mode),
         threads=args.threads,
         tensorboard=args.tensorboard,
+        checkpoint=CheckpointConfig(every=args.checkpoint_every, dir=args.checkpoint_dir, keep=args.keep_checkpoints,
+                                    final=not args.no_final_checkpoint, resume=args.resume),
+        overwrite=args.overwrite,
     )
 
 
@@ -168,26 +187,43 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
 
 
+def _summary_line(cfg: RunConfig, summary: dict) -> str:
+    return (f"{cfg.run_dir}: {summary['iters']} iterations, {summary['samples_per_s']:.0f} samples/s, "
+            f"final loss {summary['final_loss']:.4f}, eval AUC {summary['auc']:.4f}, "
+            f"logloss {summary['logloss']:.4f}, digest {summary['digest']}")
+
+
 def _run_local(cfg: RunConfig) -> int:
     import torch
 
+    from bagpipe import lifecycle
     from bagpipe.rundata import RunData
     from bagpipe.rundir import RunWriter
     from bagpipe.trainers.local import train_local
 
     torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
-    writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard)
+    run_lock = lifecycle.lock(cfg.run_dir)
     try:
-        summary = train_local(cfg, data, writer)
+        lifecycle.claim(cfg)
+        resume = lifecycle.resume_point(cfg, data.num_train_batches)
+        try:
+            history = lifecycle.record_attempt(cfg.run_dir, resume.iterations if resume else None)
+            writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard,
+                               keep_below=resume.iterations if resume else 0)
+            try:
+                summary = train_local(cfg, data, writer, resume)
+            finally:
+                writer.close()
+            summary.update(history, status="complete")
+            writer.summary(summary)
+            lifecycle.set_status(cfg.run_dir, "complete")
+        except BaseException as err:
+            lifecycle.mark_failed(cfg.run_dir, "local", f"{type(err).__name__}: {err}")
+            raise
     finally:
-        writer.close()
-    writer.summary(summary)
-    print(
-        f"{cfg.run_dir}: {summary['iters']} iterations, {summary['samples_per_s']:.0f} samples/s, "
-        f"final loss {summary['final_loss']:.4f}, eval AUC {summary['auc']:.4f}, logloss {summary['logloss']:.4f}, "
-        f"digest {summary['digest']}"
-    )
+        run_lock.release()
+    print(_summary_line(cfg, summary))
     return 0
 
 
@@ -197,7 +233,7 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
     import torch
     import torch.distributed as dist
 
-    from bagpipe import transport
+    from bagpipe import lifecycle, transport
     from bagpipe.rundata import RunData
 
     if "RANK" not in os.environ:
@@ -209,6 +245,14 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
     torch.set_num_threads(cfg.threads)
     data = RunData.open(cfg)
     role = transport.local_role(node_roles, cfg.cluster.servers, cfg.cluster.trainers)
+    run_lock = None
+    if role == "oracle":  # the run directory's one writer
+        preflight(cfg, data)
+        run_lock = lifecycle.lock(cfg.run_dir)
+        lifecycle.claim(cfg)
+    resume = lifecycle.resume_point(cfg, data.num_train_batches)
+    history = lifecycle.record_attempt(cfg.run_dir, resume.iterations if resume else None) \
+        if role == "oracle" else {}
     transport.init_world(cfg.cluster.timeout_s)
     desc = f"{role} (rank {dist.get_rank()})"
     roles = None
@@ -219,24 +263,19 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
         name, index = roles.role_of(dist.get_rank())
         if name == "oracle":
             from bagpipe.oracle.process import run_oracle
-
-            run_oracle(cfg, roles, groups, data)
             from bagpipe.rundir import read_summary
 
-            summary = read_summary(cfg.run_dir)
-            print(
-                f"{cfg.run_dir}: {summary['iters']} iterations, {summary['samples_per_s']:.0f} samples/s, "
-                f"final loss {summary['final_loss']:.4f}, eval AUC {summary['auc']:.4f}, "
-                f"digest {summary['digest']}"
-            )
+            run_oracle(cfg, roles, groups, data, start=resume.iterations if resume else 0, history=history)
+            lifecycle.set_status(cfg.run_dir, "complete")
+            print(_summary_line(cfg, read_summary(cfg.run_dir)))
         elif name == "server":
             from bagpipe.server import run_server
 
-            run_server(cfg, roles, groups, index)
+            run_server(cfg, roles, groups, index, resume)
         else:
             from bagpipe.trainers.runtime import TrainerRuntime
 
-            runtime = TrainerRuntime(cfg, roles, groups, index, data)
+            runtime = TrainerRuntime(cfg, roles, groups, index, data, resume)
             if cfg.cluster.mode is Mode.NONE:
                 from bagpipe.trainers.nocache import run_nocache_trainer
 
@@ -246,9 +285,32 @@ def _run_distributed(cfg: RunConfig, node_roles: str | None) -> int:
 
                 run_cached_trainer(runtime)
     except BaseException as err:  # noqa: BLE001 - report and end this process now
+        if role == "oracle":
+            lifecycle.mark_failed(cfg.run_dir, desc, f"{type(err).__name__}: {err}")
         transport.fail_fast(desc, err, roles)
+    if run_lock is not None:
+        run_lock.release()
     dist.destroy_process_group()
     return 0
+
+
+def preflight(cfg: RunConfig, data, budget_s: float = 10.0) -> None:
+    """Checks that need the data, before any process group forms: a cache too small for
+    two consecutive iterations is found now (within `budget_s`; said when cut short)."""
+    if cfg.cluster.mode is not Mode.BAGPIPE or cfg.cluster.cache_rows is None:
+        return
+    from bagpipe.oracle.lrpp import PlanError, check_capacity
+    from bagpipe.rows import RowSpace
+
+    rows = RowSpace(cfg.model.cardinalities, 1, cfg.seed)
+    batches = (rows.keys_of(b.sparse) for b in data.train_batches(columns="sparse"))
+    try:
+        scan = check_capacity(batches, cfg.cluster.trainers, cfg.cluster.cache_rows, budget_s)
+    except PlanError as err:
+        raise ConfigError(str(err)) from None
+    if scan.cut_short:
+        print(f"bagpipe: the cache capacity pre-scan checked {scan.checked} of {data.num_train_batches} iterations "
+              f"in {budget_s:.0f} s; the rest is checked as planning goes", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

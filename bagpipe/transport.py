@@ -94,7 +94,20 @@ def local_role(node_roles: str | None, servers: int, trainers: int) -> str:
 
 
 def init_world(timeout_s: float) -> None:
-    dist.init_process_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    """The torchrun world's default group, on a store namespace of this attempt: torchrun's
+    store outlives a restart (--max-restarts), and a restarted rank must not read the
+    addresses its peers published in an earlier attempt."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        dist.init_process_group(backend="gloo", timeout=timeout)
+        return
+    from torch.distributed.rendezvous import _create_c10d_store  # torch's own env:// store
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    base = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"bagpipe/attempt-{attempt}", base)
+    dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
@@ -106,7 +119,7 @@ def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
             f"start torchrun with --nproc-per-node {trainers + servers + 1} (or use `bagpipe launch`)"
         )
     gathered = [None] * world
-    dist.all_gather_object(gathered, (my_role, socket.gethostname(), os.getpid()))
+    posted("gathering every rank's role", dist.all_gather_object, gathered, (my_role, socket.gethostname(), os.getpid()))
     names = [g[0] for g in gathered]
     oracle = [r for r, n in enumerate(names) if n == "oracle"]
     server_ranks = tuple(r for r, n in enumerate(names) if n == "server")
@@ -120,24 +133,26 @@ def gather_roles(my_role: str, servers: int, trainers: int) -> Roles:
                  hosts=tuple(g[1] for g in gathered), pids=tuple(g[2] for g in gathered))
 
 
-def dead_peers(roles: Roles | None) -> list[str]:
-    """Peers on this host whose process is gone (or a zombie): who to blame when a
-    collective fails without naming its peer. Peers on other hosts can't be probed."""
+def lost_peers(roles: Roles | None) -> list[str]:
+    """Peers on this host whose process is gone (or a zombie) or stopped (SIGSTOP, a
+    debugger): who to blame when an operation fails or times out without naming its
+    peer. Peers on other hosts can't be probed."""
     if roles is None or not roles.pids:
         return []
-    here, dead = socket.gethostname(), []
+    here, lost = socket.gethostname(), []
     for rank, (host, pid) in enumerate(zip(roles.hosts, roles.pids)):
         if host != here or pid == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
-            alive = state not in ("Z", "X")
         except (FileNotFoundError, ProcessLookupError, IndexError):
-            alive = False
-        if not alive:
-            dead.append(roles.describe(rank))
-    return dead
+            state = "X"
+        if state in ("Z", "X"):
+            lost.append(f"{roles.describe(rank)} is dead")
+        elif state in ("T", "t"):
+            lost.append(f"{roles.describe(rank)} is stopped (not answering)")
+    return lost
 
 
 @dataclass
@@ -162,6 +177,15 @@ def make_groups(roles: Roles, timeout_s: float) -> Groups:
         plan=dist.new_group(everyone, timeout=timeout, backend="gloo"),
         metrics=dist.new_group(everyone, timeout=timeout, backend="gloo"),
     )
+
+
+def posted(what: str, op, *args, **kwargs):
+    """Start a torch.distributed operation (isend, irecv, all_to_all_single, ...); a
+    peer already gone makes gloo fail right here, not at wait(): name it the same way."""
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as err:
+        raise PeerError(f"{what}: {_gloo_reason(err)}") from err
 
 
 def wait(work, what: str) -> None:
@@ -195,18 +219,19 @@ def send_bytes(payload: np.ndarray, dst: int, group) -> list:
     pending sends with their tensors, which must stay alive until they complete."""
     raw = torch.from_numpy(np.ascontiguousarray(payload).view(np.uint8).ravel())
     length = torch.tensor([raw.numel()], dtype=torch.int64)
-    works = [dist.isend(length, dst, group=group)]
+    what = f"message to rank {dst}"
+    works = [posted(what, dist.isend, length, dst, group=group)]
     if raw.numel():
-        works.append(dist.isend(raw, dst, group=group))
+        works.append(posted(what, dist.isend, raw, dst, group=group))
     return [(w, length, raw) for w in works]
 
 
 def recv_bytes(src: int, group, what: str) -> np.ndarray:
     length = torch.zeros(1, dtype=torch.int64)
-    wait(dist.irecv(length, src, group=group), what)
+    wait(posted(what, dist.irecv, length, src, group=group), what)
     out = torch.empty(int(length.item()), dtype=torch.uint8)
     if out.numel():
-        wait(dist.irecv(out, src, group=group), what)
+        wait(posted(what, dist.irecv, out, src, group=group), what)
     return out.numpy()
 
 
@@ -259,7 +284,8 @@ class StreamSender:
             work, _ = queue.pop(0)
             wait(work, f"oracle: plan delivery to {self.describe(dst)}")
         tensor = torch.from_numpy(raw)
-        queue.append((dist.isend(tensor, dst, group=self.group), tensor))
+        what = f"oracle: plan delivery to {self.describe(dst)}"
+        queue.append((posted(what, dist.isend, tensor, dst, group=self.group), tensor))
 
 
 class StreamReceiver:
@@ -269,7 +295,7 @@ class StreamReceiver:
     def __init__(self, src: int, group, what: str):
         self.src, self.group, self.what = src, group, what
         self._buf = torch.zeros(1, dtype=torch.int64)
-        self._work = dist.irecv(self._buf, src, group=group)
+        self._work = posted(what, dist.irecv, self._buf, src, group=group)
         self._first = True
 
     def next(self) -> np.ndarray:
@@ -293,14 +319,14 @@ class StreamReceiver:
         if length < 0:
             raise PeerError(f"{self.what}: corrupt stream (message length {length})")
         self._buf = torch.empty(length + _TRAILER, dtype=torch.uint8)
-        self._work = dist.irecv(self._buf, self.src, group=self.group)
+        self._work = posted(self.what, dist.irecv, self._buf, self.src, group=self.group)
 
 
 def fail_fast(desc: str, err: BaseException, roles: Roles | None = None) -> None:
     """Report a role's failure with its name and end the process now: waiting for
     destructors or other threads could hang on a dead peer."""
-    dead = dead_peers(roles) if isinstance(err, PeerError) else []
-    blame = f" [dead peers: {', '.join(dead)}]" if dead else ""
+    lost = lost_peers(roles) if isinstance(err, PeerError) else []
+    blame = f" [{'; '.join(lost)}]" if lost else ""
     print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}{blame}", file=sys.stderr, flush=True)
     if not isinstance(err, (PeerError, ValueError, RuntimeError)) or type(err) is RuntimeError:
         traceback.print_exc(file=sys.stderr)  # unexpected: the traceback is the report

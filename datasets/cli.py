@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Callable
 
@@ -48,16 +49,34 @@ def _table_list(text: str) -> list[int]:
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input and I/O failures (read-only output, disk full) are one `error:` line and
+    exit code 2; SIGTERM stops like Ctrl-C. Either way the writers remove their
+    temporary output, so nothing half-written is left."""
+
     def run(args: argparse.Namespace) -> int:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(args)
         except DatasetError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"error: {where}{err.strerror or err}; nothing was written", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; nothing was written", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _output_options(args: argparse.Namespace) -> dict:

@@ -249,13 +249,26 @@ class BatchReader:
         t = int(bad[0])
         row = sparse[t]
         where = np.flatnonzero((row < 0) | (row >= self._cards[t]))[0]
+        raise DatasetError(f"{self._where(unit, row0 + int(where))}: column {self.meta.sparse_features[t]!r} has id "
+                           f"{int(row[where])} outside [0, {int(self._cards[t])})")
+
+    def _where(self, unit: tuple[int, int, int], offset: int) -> str:
+        """'<file>: row <n> (row group <g>)' of row `offset` of a unit."""
         i, rg, _ = unit
         md = _footer(self.parts[i])
-        file_row = sum(md.row_group(g).num_rows for g in range(rg)) + row0 + int(where)
-        raise DatasetError(
-            f"{self.parts[i]}: column {self.meta.sparse_features[t]!r} has id {int(row[where])} outside "
-            f"[0, {int(self._cards[t])}) at row {file_row} (row group {rg})"
-        )
+        file_row = sum(md.row_group(g).num_rows for g in range(rg)) + offset
+        return f"{self.parts[i]}: row {file_row} (row group {rg})"
+
+    def _check_values(self, labels: np.ndarray, dense: np.ndarray, unit: tuple[int, int, int], row0: int) -> None:
+        """Labels must be 0 or 1 and dense features finite: a NaN would train to a NaN loss."""
+        bad = np.flatnonzero((labels != 0) & (labels != 1))
+        if bad.size:
+            raise DatasetError(f"{self._where(unit, row0 + int(bad[0]))}: label {float(labels[bad[0]])} is not 0 or 1")
+        finite = np.isfinite(dense)
+        if not finite.all():
+            r, c = (int(x[0]) for x in np.nonzero(~finite))
+            raise DatasetError(f"{self._where(unit, row0 + r)}: column {self.meta.dense_features[c]!r} holds "
+                               f"{float(dense[r, c])}, not a finite number")
 
     def __iter__(self) -> Iterator[Batch]:
         B, rank, trainers = self.batch_size, *self.slice_of
@@ -282,5 +295,7 @@ class BatchReader:
                 if full:
                     labels[fill:fill + k] = loaded[0][off:off + k]
                     dense[fill:fill + k] = loaded[1][off:off + k]
+                    if self.check_ids:
+                        self._check_values(labels[fill:fill + k], dense[fill:fill + k], self.units[u], off)
                 fill += k
             yield Batch(index=index, dense=dense, labels=labels, sparse=sparse)

@@ -708,8 +708,12 @@ def check_inputs(inputs: Sequence[str]) -> list[str]:
         raise DatasetError("no input files given")
     paths = [os.fspath(p) for p in inputs]
     for p in paths:
+        if os.path.isdir(p):
+            raise DatasetError(f"{p}: is a directory; give the input files (e.g. {os.path.join(p, '*')})")
         if not os.path.isfile(p):
             raise DatasetError(f"{p}: input file does not exist")
+        if not os.access(p, os.R_OK):
+            raise DatasetError(f"{p}: input file is not readable")
     return paths
 
 
@@ -831,6 +835,9 @@ def convert_text(
                         bad.report(p, block, np.flatnonzero(~valid), files[i].reason)
                     writer.write(labels, dense.T, sparse)
                 part_rows.append(writer.close())
+                if part_rows[-1] == 0:  # (raised inside the writer's block: nothing is committed)
+                    raise DatasetError(f"{p}: no data rows" + (f" ({bad.count} bad lines skipped so far)"
+                                                              if bad.count else ""))
     finally:
         bar.close()
     out_abs = os.path.abspath(out)

@@ -107,6 +107,11 @@ class PlannerConfig:
     # late fetch (instead of 88% of fetches one iteration ahead); at 4% and L=8,
     # 22% more. Rows prefetched further ahead (D > 2) only ever use free room.
     evict_ahead: int = 1
+    # checkpoints: after every iteration i with (first_iteration + i + 1) % checkpoint_every == 0,
+    # that stage flushes every row changed since its fetch (or the last flush) to the servers;
+    # first_iteration is the absolute number of the planner's iteration 0 (a resumed run)
+    checkpoint_every: int | None = None
+    first_iteration: int = 0
 
     def __post_init__(self) -> None:
         if self.trainers < 1:
@@ -127,6 +132,13 @@ class PlannerConfig:
             raise PlanError(f"total_rows must be >= 1, got {self.total_rows}")
         if self.evict_ahead < 1:
             raise PlanError(f"evict_ahead must be >= 1, got {self.evict_ahead}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise PlanError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+    def is_checkpoint(self, s: int) -> bool:
+        """Stage s (relative) ends the iteration a checkpoint is taken after."""
+        every = self.checkpoint_every
+        return every is not None and s >= 0 and (self.first_iteration + s + 1) % every == 0
 
     @property
     def horizon(self) -> int:
@@ -189,6 +201,7 @@ class _LRPPPlanner:
         self.wb_stage = np.full(n, -2, dtype=np.int32)
         self.nu = np.full(n, NO_USE, dtype=np.int32)  # next use of resident rows
         self.unused = np.zeros(n, dtype=bool)  # resident, fetched, not read yet
+        self.dirty = np.zeros(n, dtype=bool)  # resident, read (so updated) since its fetch or the last flush
         self.p_keys = EMPTY_I64
         self.p_u = np.zeros(0, dtype=np.int64)
         self.p_early = np.zeros(0, dtype=np.int64)
@@ -272,6 +285,7 @@ class _LRPPPlanner:
         self.owner[keys] = ABSENT
         self.wb_stage[keys] = s
         self.unused[keys] = False
+        self.dirty[keys] = False
 
     def _add_pending(self, keys: np.ndarray, u: np.ndarray, early: np.ndarray, pref: np.ndarray) -> None:
         if keys.size == 0:
@@ -342,6 +356,17 @@ class _LRPPPlanner:
             if R is not None and not win.is_last(s + 1):
                 self._make_room(s, wb_keys, wb_slots, fetch_keys, stats)
 
+        # --- a checkpoint flushes what changed (rows stay resident) ---------------------
+        flush_keys: list[np.ndarray] = [EMPTY_I64] * T
+        flush_slots: list[np.ndarray] = [EMPTY_I64] * T
+        if not last and self.cfg.is_checkpoint(s):  # (the last stage writes everything back anyway)
+            for t in range(T):
+                resident = np.sort(self._resident_keys(t))
+                keys = resident[self.dirty[resident]]
+                flush_keys[t], flush_slots[t] = keys, self.slot[keys].astype(np.int64)
+                self.dirty[keys] = False
+            stats.flushed = int(sum(k.size for k in flush_keys))
+
         # --- finalize the stage -----------------------------------------------------
         wbk = [np.concatenate(w) if w else EMPTY_I64 for w in wb_keys]
         wbs = [np.concatenate(w) if w else EMPTY_I64 for w in wb_slots]
@@ -371,7 +396,8 @@ class _LRPPPlanner:
             tp = tplans[t]
             tp.writeback_keys, tp.writeback_slots = wbk[t], wbs[t]
             tp.fetch_keys, tp.fetch_slots = fetch_keys[t], fetch_slots[t]
-        splans = server_plans(s, self.placement, wbk, fetch_keys)
+            tp.flush_keys, tp.flush_slots = flush_keys[t], flush_slots[t]
+        splans = server_plans(s, self.placement, wbk, fetch_keys, flush_keys=flush_keys)
         win.release(s + 1)
         return IterationPlan(s, tplans, splans, stats), last
 
@@ -392,6 +418,7 @@ class _LRPPPlanner:
             bad = U[own < 0][:5]
             raise AssertionError(f"planner bug: iteration {s} reads non-resident rows {bad.tolist()}")
         self.unused[U] = False
+        self.dirty[U] = True
         sl = self.slot[U].astype(np.int64)
         wait = self.wait.pop(s, None)
         if wait is None:
@@ -468,6 +495,7 @@ class _LRPPPlanner:
                 w = self.wait.setdefault(s + d, np.full(T, -2, dtype=np.int64))
                 w[t] = s
         self.unused[placed_keys] = True
+        self.dirty[placed_keys] = False
         self.nu[placed_keys] = placed_u
         if placed_u.size:
             counts = np.bincount(placed_u - s)
@@ -545,3 +573,34 @@ def plan_lrpp(cfg: PlannerConfig, batches: Iterable[np.ndarray]) -> Iterator[Ite
     planner = _LRPPPlanner(cfg, batches)
     planner._startup_check()
     return planner.run()
+
+
+@dataclass
+class CapacityScan:
+    checked: int  # iterations whose pair with the next one was checked
+    cut_short: bool  # the time budget ran out before the end of the data
+
+
+def check_capacity(batches: Iterable[np.ndarray], trainers: int, cache_rows: int, budget_s: float) -> CapacityScan:
+    """Before training: every stage i holds U_i and U_{i+1} at once, so T x R must cover
+    |U_i u U_{i+1}| for every i (a necessary condition, the one the planner would hit
+    mid-run). Scans the run's read sets until `budget_s` runs out; raises PlanError
+    naming the first pair that does not fit and the capacity it needs."""
+    import time
+
+    deadline = time.monotonic() + budget_s
+    previous, checked = None, 0
+    for i, batch in enumerate(batches):
+        keys = sorted_unique(np.asarray(batch))
+        if previous is not None:
+            need = previous.size + keys.size - np.intersect1d(previous, keys, assume_unique=True).size
+            if need > trainers * cache_rows:
+                raise PlanError(
+                    f"cache capacity too small: iterations {i - 1} and {i} read {need} distinct rows, all of which "
+                    f"must be resident at stage {i - 1}, so --cache-rows must be at least {math.ceil(need / trainers)} "
+                    f"per trainer (it is {cache_rows} x {trainers} trainer(s)); found before training")
+            checked = i
+        previous = keys
+        if time.monotonic() > deadline:
+            return CapacityScan(checked, True)
+    return CapacityScan(checked, False)

@@ -13,14 +13,15 @@ is the one writer.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections import deque
 
 import numpy as np
 import torch.distributed as dist
 
 from bagpipe import faults, wire
+from bagpipe.checkpoint import Committer, name_for
 from bagpipe.config import Mode, RunConfig
 from bagpipe.digest import final_digest, iteration_digest
 from bagpipe.errors import PeerError
@@ -30,20 +31,22 @@ from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, server_p
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
 from bagpipe.rundir import RunWriter
-from bagpipe.transport import Groups, Roles, StreamSender, ready, recv_bytes, wait
+from bagpipe.transport import Groups, Roles, StreamSender, posted, ready, recv_bytes, wait
 
 QUEUE_DEPTH = 32  # plans in flight per destination
 TRAILER_BYTES = 8  # every plan message carries the length of the next one
 
 
-def _key_batches(data: RunData, rows: RowSpace):
-    for batch in data.train_batches(columns="sparse"):
+def _key_batches(data: RunData, rows: RowSpace, start: int = 0):
+    for batch in data.train_batches(columns="sparse", start_batch=start):
         yield np.ascontiguousarray(rows.keys_of(batch.sparse))
 
 
-def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace):
+def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace, start: int = 0):
+    """Plans from iteration `start` on (a resumed run starts with empty caches), numbered
+    from 0 by the planner: the caller shifts them by `start`."""
     T, S = cfg.cluster.trainers, cfg.cluster.servers
-    batches = _key_batches(data, rows)
+    batches = _key_batches(data, rows, start)
     if cfg.cluster.mode is Mode.NONE:
         from bagpipe.oracle.nocache import plan_none
 
@@ -52,7 +55,7 @@ def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace):
 
     pcfg = PlannerConfig(trainers=T, servers=S, lookahead=cfg.cluster.lookahead,
                          prefetch_distance=cfg.cluster.prefetch_distance, cache_rows=cfg.cluster.cache_rows,
-                         total_rows=rows.total_rows)
+                         total_rows=rows.total_rows, checkpoint_every=cfg.checkpoint.every, first_iteration=start)
     return plan_lrpp(pcfg, batches)
 
 
@@ -68,25 +71,36 @@ def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, first_stage
         yield server_plans(stage, placement, empty, reads, read_only=True)
 
 
-def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> None:
+def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, start: int = 0,
+               history: dict | None = None) -> None:
+    """`start`: the first iteration (a resumed run's checkpoint); `history`: restarts and
+    redone iterations so far, for the summary."""
     rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
-    writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard)
-    collector = MetricsCollector(cfg, roles, groups, data, writer)
+    writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard, keep_below=start)
+    root = cfg.checkpoint.root(cfg.run_dir)
+    committer = Committer(root, cfg.to_dict(), [f"server-{j:04d}" for j in range(cfg.cluster.servers)] + ["dense"],
+                          cfg.checkpoint.keep, timeout_s=max(10 * cfg.cluster.timeout_s, 600.0))
+    collector = MetricsCollector(cfg, roles, groups, data, writer, committer, start, history or {})
     thread = threading.Thread(target=collector.run, name="metrics", daemon=True)
     thread.start()
     sender = StreamSender(groups.plan, roles.describe, depth=QUEUE_DEPTH)
     ship_keys = cfg.cluster.mode is Mode.BAGPIPE  # `none` trainers read their next keys themselves
     plan_time, plan_cpu, planned = 0.0, 0.0, 0
-    planner = make_planner(cfg, data, rows)
+    planner = make_planner(cfg, data, rows, start)
+    last = data.num_train_batches - 1
     ready("oracle")
     while True:
-        start, start_cpu = time.perf_counter(), time.thread_time()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         item = next(planner, None)
-        plan_time += time.perf_counter() - start
-        plan_cpu += time.thread_time() - start_cpu
+        plan_time += time.perf_counter() - t0
+        plan_cpu += time.thread_time() - cpu0
         if item is None:
             break
-        if faults.active("early_read") and item.iteration >= 1:
+        item.shift(start)
+        for plan in item.servers:  # the shard is final for a checkpoint once this stage is applied
+            plan.checkpoint = item.iteration + 1 if item.iteration >= 0 and cfg.checkpoint.after(item.iteration,
+                                                                                                  last) else 0
+        if faults.active("early_read") and item.iteration >= start + 1:
             for plan in item.trainers:  # read rows one stage before their fetch lands
                 plan.wait_through_stage = min(plan.wait_through_stage, item.iteration - 1) - 1
         messages = []
@@ -118,7 +132,9 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData) -> N
     thread.join()
     if collector.error is not None:
         raise collector.error
+    committer.close()  # the final checkpoint is complete before the run says it is
     writer.close()
+    collector.summary["checkpoints"] = [os.path.join(root, name_for(n)) for n in committer.committed]
     writer.summary(collector.summary)
 
 
@@ -129,8 +145,10 @@ SUMMED_FIELDS = ("rows_read", "rows_fetched", "rows_written_back", "bytes_exchan
 class MetricsCollector:
     """Receives per-iteration reports and writes metrics.jsonl and summary.json."""
 
-    def __init__(self, cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, writer: RunWriter):
+    def __init__(self, cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, writer: RunWriter,
+                 committer: Committer, start: int, history: dict):
         self.cfg, self.roles, self.groups, self.data, self.writer = cfg, roles, groups, data, writer
+        self.committer, self.start, self.history = committer, start, history
         self.plan_stats: dict[int, tuple[PlanStats, int]] = {}
         self.planning: dict = {}
         self.summary: dict = {}
@@ -138,7 +156,8 @@ class MetricsCollector:
 
     def _recv(self, src: int, layout, what: str) -> dict:
         buf = wire.empty(layout)
-        wait(dist.irecv(buf, src, group=self.groups.metrics), f"oracle: {what} from {self.roles.describe(src)}")
+        what = f"oracle: {what} from {self.roles.describe(src)}"
+        wait(posted(what, dist.irecv, buf, src, group=self.groups.metrics), what)
         return wire.decode(layout, buf)
 
     def run(self) -> None:
@@ -155,7 +174,7 @@ class MetricsCollector:
         wait_time, loss, elapsed = 0.0, float("nan"), 0.0
         boot_plan_bytes = 0
 
-        for i in range(n):
+        for i in range(self.start, n):
             reports = [self._recv(r, wire.TRAINER_FIELDS, f"iteration {i} report") for r in roles.trainers]
             servers = [self._recv(r, wire.SERVER_FIELDS, f"stage {i} report") for r in roles.servers]
             for rep in reports:
@@ -181,16 +200,22 @@ class MetricsCollector:
             if cfg.cluster.mode is Mode.BAGPIPE:
                 record["cache_occupancy"] = [r["cache_occupancy"] for r in reports]
             stats, plan_bytes = self.plan_stats.pop(i, (None, 0))
-            if i == 0:  # the bootstrap stage's plans are part of the first iteration
-                boot_plan_bytes = self.plan_stats.pop(-1, (None, 0))[1]
-            record["bytes_plan"] = plan_bytes + boot_plan_bytes * (i == 0)
+            if i == self.start:  # the bootstrap stage's plans are part of the first iteration
+                boot_plan_bytes = self.plan_stats.pop(i - 1, (None, 0))[1]
+            record["bytes_plan"] = plan_bytes + boot_plan_bytes * (i == self.start)
             if stats is not None and cfg.cluster.mode is Mode.BAGPIPE:
                 record["plan_capacity_evictions"] = stats.capacity_evictions
                 record["plan_postponed"] = stats.postponed
                 record["plan_exchange_rows"] = stats.exchange_rows
+            if not np.isfinite(loss):
+                raise PeerError(f"oracle: iteration {i}: the loss is {loss} (not finite): training diverged "
+                                f"(lower --lr) or the data holds non-finite values")
             for name in totals:
                 totals[name] += record.get(name, 0)
             self.writer.log(record)
+            if cfg.checkpoint.after(i, n - 1):
+                self.committer.commit(i + 1)
+            faults.maybe_kill("oracle", 0, i)
 
         eval_scores, eval_labels = [], []
         for r in roles.trainers:
@@ -205,12 +230,15 @@ class MetricsCollector:
         rows_digest = sum(s["rows_digest"] for s in server_finals) % (1 << 64)
         scores, labels = np.concatenate(eval_scores), np.concatenate(eval_labels)
         self.summary = {
+            "status": "complete",
             "mode": str(cfg.cluster.mode),
             "trainers": cfg.cluster.trainers,
             "servers": cfg.cluster.servers,
             "iters": n,
+            "resumed_from": self.start,
+            **self.history,
             # wall clock of the training loop (slowest trainer), everything included
-            "samples_per_s": n * cfg.data.batch_size / elapsed if elapsed else 0.0,
+            "samples_per_s": (n - self.start) * cfg.data.batch_size / elapsed if elapsed else 0.0,
             "train_seconds": elapsed,
             "wait_share": wait_time / elapsed if elapsed else 0.0,
             "final_loss": loss,

@@ -91,6 +91,7 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
         R = None
     n_rows = cfg.total_rows
     owner = np.full(n_rows, -1, dtype=np.int64)
+    changed = np.zeros(n_rows, dtype=bool)  # read (so updated) since its fetch or the last flush
     fetch_stage = np.full(n_rows, -(10**9), dtype=np.int64)
     wb_stage = np.full(n_rows, -(10**9), dtype=np.int64)
     trainers = [_Trainer(R) for _ in range(T)]
@@ -212,6 +213,34 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
                 wb_stage[keys] = s
                 resident -= keys.size
                 n_wb += keys.size
+            # a checkpoint stage flushes every resident row changed since its fetch (or the
+            # last flush), after the stage's write-backs: the servers then hold a consistent cut
+            if s >= 0:
+                changed[np.unique(np.concatenate(cur))] = True
+            changed[np.concatenate(wb_keys_all)] = False
+            checkpoint = cfg.is_checkpoint(s) and not is_last
+            for k, tp in enumerate(tps):
+                w = f"{where}, trainer {k}, checkpoint flush"
+                keys = _ints(w, "flush_keys", tp.flush_keys)
+                slots = _ints(w, "flush_slots", tp.flush_slots)
+                if keys.size and not checkpoint:
+                    _fail(w, f"{keys.size} rows flushed at a stage that is not a checkpoint")
+                if keys.size != slots.size or np.unique(keys).size != keys.size:
+                    _fail(w, "flush keys and slots differ in number, or a row is flushed twice")
+                if keys.size == 0:
+                    continue
+                bad = np.flatnonzero(owner[keys] != k)
+                if bad.size:
+                    _fail(w, f"row {int(keys[bad[0]])} is not resident on trainer {k}")
+                bad = np.flatnonzero(trainers[k].slot_key[slots] != keys)
+                if bad.size:
+                    _fail(w, f"row {int(keys[bad[0]])} is not in slot {int(slots[bad[0]])}")
+                changed[keys] = False
+            if checkpoint:
+                missed = np.flatnonzero((owner >= 0) & changed)
+                if missed.size:
+                    _fail(where, f"checkpoint stage: row {int(missed[0])} changed since its fetch but is neither "
+                                 f"written back nor flushed ({missed.size} rows)")
             n_f = 0
             for k, tp in enumerate(tps):
                 w = f"{where}, trainer {k}, fetch"

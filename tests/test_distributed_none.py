@@ -28,6 +28,7 @@ def test_server_count_changes_nothing_at_three_trainers(tiny_data, tmp_path):
         assert same, f"{other}: {message}"
 
 
+@pytest.mark.parametrize("victim", ["server0@3", "trainer1@3"])
 def test_killed_process_ends_the_job_with_a_named_failure(tiny_data, tmp_path, monkeypatch, victim):
     monkeypatch.setenv("BAGPIPE_FAULTS", f"kill:{victim}")
     start = time.monotonic()

@@ -96,16 +96,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 # The layers of docs/architecture.md, bottom up: a module imports from its own layer or below.
 LAYERS = [
-    ["bagpipe", "bagpipe.errors", "bagpipe.hashing", "bagpipe.config", "bagpipe.placement", "bagpipe.metrics",
+    ["bagpipe", "bagpipe.errors", "bagpipe.files", "bagpipe.hashing", "bagpipe.config", "bagpipe.placement", "bagpipe.metrics",
      "bagpipe.faults", "bagpipe.rundir", "bagpipe.wire"],
     ["bagpipe.rows", "bagpipe.digest", "bagpipe.optim", "bagpipe.embedding", "bagpipe.models.*", "bagpipe.datasets.*",
-     "bagpipe.plan", "bagpipe.transport", "bagpipe.rundata", "bagpipe.export"],
-    ["bagpipe.cache", "bagpipe.protocol", "bagpipe.oracle", "bagpipe.oracle.window", "bagpipe.oracle.lrpp",
+     "bagpipe.plan", "bagpipe.transport", "bagpipe.rundata", "bagpipe.export", "bagpipe.checkpoint"],
+    ["bagpipe.cache", "bagpipe.protocol", "bagpipe.lifecycle", "bagpipe.oracle", "bagpipe.oracle.window", "bagpipe.oracle.lrpp",
      "bagpipe.oracle.nocache", "bagpipe.oracle.verify", "bagpipe.oracle.simulate", "bagpipe.trainers",
      "bagpipe.trainers.step", "bagpipe.trainers.reduction", "bagpipe.trainers.common"],
     ["bagpipe.server", "bagpipe.trainers.local", "bagpipe.trainers.runtime", "bagpipe.trainers.nocache",
      "bagpipe.trainers.cached", "bagpipe.oracle.process"],
-    ["bagpipe.train", "bagpipe.launch", "bagpipe.bench", "bagpipe.compare", "bagpipe.oracle.cli",
+    ["bagpipe.train", "bagpipe.evaluate", "bagpipe.launch", "bagpipe.bench", "bagpipe.compare", "bagpipe.report", "bagpipe.oracle.cli",
      "bagpipe.datasets.cli", "bagpipe.netlink.*", "bagpipe.serving.*", "bagpipe.cli"],
 ]
 

@@ -295,3 +295,33 @@ def test_plan_arrays_are_int64(batches):
         for sp in plan.servers:
             for name in ("grad_counts", "writeback_counts", "fetch_counts"):
                 assert getattr(sp, name).dtype == np.int64 and getattr(sp, name).shape == (3,)
+
+
+@pytest.mark.parametrize("T,R", [(1, None), (2, "tight"), (3, None)])
+def test_checkpoint_stages_flush_every_changed_row(batches, T, R):
+    cap = None if R is None else math.ceil(pair_bound(batches) / T)
+    cfg = PlannerConfig(T, 2, 7, 2, cap, TOTAL, checkpoint_every=5, first_iteration=3)
+    plans = list(plan_lrpp(cfg, batches))
+    verify_plans(cfg, batches, plans)  # every changed resident row is flushed at each checkpoint stage
+    flushing = [p.iteration for p in plans if p.stats.flushed]
+    assert flushing and all((3 + i + 1) % 5 == 0 for i in flushing)
+    for p in plans:
+        for sp in p.servers:
+            assert int(sp.flush_counts.sum()) == sum(
+                int(np.count_nonzero(tp.flush_keys % 2 == sp.server)) for tp in p.trainers)
+    # the flushed plan stream is otherwise the plain one: same reads, fetches and write-backs
+    plain = list(plan_lrpp(PlannerConfig(T, 2, 7, 2, cap, TOTAL), batches))
+    for a, b in zip(plans, plain):
+        for x, y in zip(a.trainers, b.trainers):
+            np.testing.assert_array_equal(x.fetch_keys, y.fetch_keys)
+            np.testing.assert_array_equal(x.writeback_keys, y.writeback_keys)
+
+
+def test_a_missed_flush_is_caught(batches):
+    cfg = PlannerConfig(2, 1, 7, 2, None, TOTAL, checkpoint_every=4)
+    plans = list(plan_lrpp(cfg, batches))
+    victim = next(p for p in plans if p.stats.flushed)
+    tp = next(t for t in victim.trainers if t.flush_keys.size)
+    tp.flush_keys, tp.flush_slots = tp.flush_keys[1:], tp.flush_slots[1:]
+    with pytest.raises(AssertionError, match="neither written back nor flushed"):
+        verify_plans(cfg, batches, plans)

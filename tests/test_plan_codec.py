@@ -111,7 +111,7 @@ def _replay(T, cfg, batches, check=True, early=False):
                 got = cache.resolve(msg, reads)
                 if check:
                     for name in ("owned_pos", "owned_slots", "update_slots", "update_keys", "writeback_keys",
-                                 "writeback_slots", "fetch_keys", "fetch_slots"):
+                                 "writeback_slots", "fetch_keys", "fetch_slots", "flush_slots", "flush_keys"):
                         np.testing.assert_array_equal(getattr(got, name), getattr(tp, name), err_msg=name)
                     for o in range(T):
                         np.testing.assert_array_equal(got.recv_pos[o], tp.recv_pos[o])
@@ -127,12 +127,12 @@ def _replay(T, cfg, batches, check=True, early=False):
     assert all(c.occupancy == 0 for c in caches)
 
 
-@pytest.mark.parametrize("T,L,D,tight", [(1, 4, 2, False), (2, 7, 2, True), (3, 7, 3, True), (4, 3, 1, False),
-                                         (3, 64, 64, False)])
-def test_resolve_rebuilds_the_full_plan(T, L, D, tight):
+@pytest.mark.parametrize("T,L,D,tight,every", [(1, 4, 2, False, None), (2, 7, 2, True, 4), (3, 7, 3, True, None),
+                                               (4, 3, 1, False, 3), (3, 64, 64, False, 7)])
+def test_resolve_rebuilds_the_full_plan(T, L, D, tight, every):
     batches = _batches(T)
     R = math.ceil(_pair_bound(batches) / T) if tight else None
-    _replay(T, PlannerConfig(T, 2, L, D, R, TOTAL), batches)
+    _replay(T, PlannerConfig(T, 2, L, D, R, TOTAL, checkpoint_every=every), batches)
 
 
 def test_reading_before_a_fetch_lands_is_caught():

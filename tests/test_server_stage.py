@@ -24,17 +24,20 @@ def _server(mode=Mode.NONE, kind=OptimizerKind.ADAGRAD, servers=2, index=1, acc=
     return StageServer(shard, mode, T, lambda s: 0.5 / (s + 2), "server 1"), shard
 
 
-def _msg(grad_keys=(), grads=None, wb_keys=(), wb_values=None, wb_state=None, fetch=()):
+def _msg(grad_keys=(), grads=None, wb_keys=(), wb_values=None, wb_state=None, fetch=(), flush_keys=(),
+         flush_values=None, flush_state=None):
     d, s = ROWS.row_dim, 3
-    gk, wk, fk = (np.asarray(x, np.int64) for x in (grad_keys, wb_keys, fetch))
+    gk, wk, lk, fk = (np.asarray(x, np.int64) for x in (grad_keys, wb_keys, flush_keys, fetch))
     return StageMessage(gk, grads if grads is not None else np.zeros((0, d), np.float32), wk,
                         wb_values if wb_values is not None else np.zeros((len(wk), d), np.float32),
-                        wb_state if wb_state is not None else np.zeros((len(wk), s), np.float32), fk)
+                        wb_state if wb_state is not None else np.zeros((len(wk), s), np.float32), lk,
+                        flush_values if flush_values is not None else np.zeros((len(lk), d), np.float32),
+                        flush_state if flush_state is not None else np.zeros((len(lk), s), np.float32), fk)
 
 
 def _plan(stage, messages, read_only=False):
     counts = np.array([m.counts for m in messages]).T
-    return ServerPlan(stage, 1, counts[0], counts[1], counts[2], read_only)
+    return ServerPlan(stage, 1, counts[0], counts[1], counts[3], read_only, counts[2])
 
 
 def test_none_mode_applies_rank_ordered_sums_then_answers():
@@ -120,3 +123,23 @@ def test_reversed_contribution_order_changes_the_bits(monkeypatch):
         server.apply(_plan(0, msgs), msgs)
         results.append(shard.values.clone())
     assert not torch.equal(results[0], results[1])
+
+
+def test_a_checkpoint_flush_updates_rows_that_stay_checked_out():
+    server, shard = _server(Mode.BAGPIPE, OptimizerKind.ROWWISE_ADAGRAD)
+    msgs = [_msg(fetch=[1, 5]), _msg(), _msg()]
+    server.apply(_plan(-1, msgs), msgs)
+    flushed = np.full((1, 3), 9.0, np.float32)
+    flush = [_msg(flush_keys=[5], flush_values=flushed, flush_state=np.full((1, 1), 3.0, np.float32)), _msg(), _msg()]
+    flush[0].flush_state = np.full((1, 1), 3.0, np.float32)
+    _, report = server.apply(_plan(0, flush), flush)
+    local = 5 // 2
+    assert report.rows_flushed == 1 and shard.checked_out[local]
+    assert torch.equal(shard.values[local], torch.tensor([9.0, 9.0, 9.0])) and shard.state[local].item() == 3.0
+    stale = [_msg(), _msg(fetch=[5]), _msg()]
+    with pytest.raises(PeerError, match="already checked out"):  # still cached: nobody else may fetch it
+        server.apply(_plan(1, stale), stale)
+    bad = [_msg(), _msg(flush_keys=[7], flush_state=np.zeros((1, 1), np.float32)), _msg()]
+    bad[1].flush_state = np.zeros((1, 1), np.float32)
+    with pytest.raises(PeerError, match="checkpoint flush of rows not checked out to trainer 1"):
+        server.apply(_plan(2, bad), bad)

@@ -24,9 +24,9 @@ from bagpipe.cache import OwnedCache
 from bagpipe.digest import stored_rows_digest
 from bagpipe.embedding import sum_contributions
 from bagpipe.errors import PeerError
-from bagpipe.protocol import PendingAnswers
-from bagpipe.transport import wait
-from bagpipe.trainers.runtime import NO_KEYS, TrainerRuntime
+from bagpipe.protocol import PendingAnswers, RowBlock
+from bagpipe.transport import posted, wait
+from bagpipe.trainers.runtime import TrainerRuntime
 from bagpipe.trainers.step import slice_step
 
 
@@ -35,9 +35,9 @@ def _all_to_all(rt: TrainerRuntime, send: list[torch.Tensor], recv_rows: list[in
     d = rt.d
     inp = torch.cat([s.reshape(-1) for s in send]) if send else torch.zeros(0)
     out = torch.empty(sum(recv_rows) * d, dtype=torch.float32)
-    work = dist.all_to_all_single(out, inp, output_split_sizes=[n * d for n in recv_rows],
-                                  input_split_sizes=[s.numel() for s in send], group=rt.groups.exchange,
-                                  async_op=True)
+    work = posted(f"{rt.desc}: {what}", dist.all_to_all_single, out, inp,
+                  output_split_sizes=[n * d for n in recv_rows], input_split_sizes=[s.numel() for s in send],
+                  group=rt.groups.exchange, async_op=True)
     wait(work, f"{rt.desc}: {what}")
     return list(torch.split(out.view(-1, d), recv_rows))
 
@@ -58,13 +58,14 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             landed += answers.bytes
         return landed
 
-    boot = rt.next_plan(-1)
+    boot = rt.next_plan(rt.start - 1)  # the bootstrap stage fetches the first iteration's rows
     boot_keys = boot.fetch_keys.astype(np.int64)
-    channel.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, boot_keys)
-    pending.append((channel.post_answers(-1, boot_keys, with_state=True), boot.fetch_slots.astype(np.int64)))
+    channel.send_stage(boot.iteration, boot_keys)
+    pending.append((channel.post_answers(boot.iteration, boot_keys, with_state=True),
+                    boot.fetch_slots.astype(np.int64)))
     batches = rt.slices()
     bar = rt.progress(cfg.cluster.mode)
-    for i in range(rt.data.num_train_batches):
+    for i in range(rt.start, rt.data.num_train_batches):
         part, sk = rt.read_slice(batches)
         msg = rt.next_plan(i)
         with clock.phase("wait"):
@@ -108,13 +109,16 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             wb_values, wb_state = cache.evict(plan.writeback_keys, plan.writeback_slots)
             if faults.active("drop_state_on_writeback"):
                 wb_state = torch.zeros_like(wb_state)
-            bytes_server += channel.send_stage(i, NO_KEYS, None, plan.writeback_keys, wb_values, wb_state,
-                                               plan.fetch_keys)
+            flushes = None
+            if len(plan.flush_slots):  # a checkpoint: changed rows go to the servers and stay cached
+                flushes = RowBlock(plan.flush_keys, *cache.snapshot(plan.flush_slots))
+            bytes_server += channel.send_stage(i, plan.fetch_keys, writebacks=RowBlock(plan.writeback_keys, wb_values,
+                                                                                        wb_state), flushes=flushes)
             pending.append((channel.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
         record = {
             "iter": i, "loss": loss.item(), "rows_digest": digest, "lr_sparse": lr_sparse, "lr_dense": lr_dense,
             "rows_read": len(sk.keys),
-            "rows_fetched": len(plan.fetch_keys) + (len(boot_keys) if i == 0 else 0),
+            "rows_fetched": len(plan.fetch_keys) + (len(boot_keys) if i == rt.start else 0),
             "rows_written_back": len(plan.writeback_keys), "bytes_server": bytes_server,
             "bytes_exchange": bytes_exchange, "cache_occupancy": cache.occupancy,
         }

@@ -59,7 +59,8 @@ def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[st
     if not labels:
         return {"auc": float("nan"), "logloss": float("nan"), "eval_examples": 0, "ctr": float("nan")}
     y, z = np.concatenate(labels), np.concatenate(logits)
-    return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size), "ctr": float(y.mean())}
+    return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size),
+            "ctr": float(np.mean(y, dtype=np.float64))}
 
 
 class IterationClock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from bagpipe.protocol import RowBlock
 from bagpipe.trainers.runtime import NO_KEYS, TrainerRuntime
 from bagpipe.trainers.step import slice_step
 
@@ -20,12 +21,13 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
     clock = rt.start_clock()
     batches = rt.slices()
     current = rt.read_slice(batches)
-    rt.next_plan(-1)
+    boot = rt.start - 1  # the bootstrap stage fetches the first iteration's rows
+    rt.next_plan(boot)
     first_keys = current[1].keys if current is not None else NO_KEYS
-    channel.send_stage(-1, NO_KEYS, None, NO_KEYS, None, None, first_keys)
-    pending = channel.post_answers(-1, first_keys, with_state=False)
+    channel.send_stage(boot, first_keys)
+    pending = channel.post_answers(boot, first_keys, with_state=False)
     bar = rt.progress(cfg.cluster.mode)
-    i = 0
+    i = rt.start
     while current is not None:
         part, sk = current
         rt.next_plan(i).check_reads(sk.keys, rt.desc)
@@ -41,7 +43,7 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
             # gradients go to the servers first, so they apply them while the dense
             # gradients are reduced
             rt.start_dense_reduction(result)
-            sent = channel.send_stage(i, sk.keys, result.row_grads, NO_KEYS, None, None, fetch_keys)
+            sent = channel.send_stage(i, fetch_keys, grads=RowBlock(sk.keys, result.row_grads))
             pending = channel.post_answers(i, fetch_keys, with_state=False)
             dense_grad, loss = rt.finish_dense_reduction()
         with clock.phase("update"):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bagpipe import faults
-from bagpipe.transport import wait
+from bagpipe.transport import posted, wait
 
 
 def ordered_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -56,7 +56,8 @@ class ShardedOrderedSum:
         if flat.numel() != self.numel:
             raise ValueError(f"{self.who}: dense reduction of {flat.numel()} values, expected {self.numel}")
         self._send[: self.numel].copy_(flat)
-        self._work = dist.all_to_all_single(self._pieces, self._send, group=self.group, async_op=True)
+        self._work = posted(f"{self.who}: dense gradient exchange", dist.all_to_all_single, self._pieces, self._send,
+                            group=self.group, async_op=True)
 
     def finish(self) -> torch.Tensor:
         """The rank-order sum (a view of a reused buffer: use or copy it before the next call)."""
@@ -68,5 +69,6 @@ class ShardedOrderedSum:
         for r in order:
             self._mine += pieces[r]
         outs = list(self._out.view(self.trainers, self.shard))
-        wait(dist.all_gather(outs, self._mine, group=self.group, async_op=True), f"{self.who}: dense gradient gather")
+        what = f"{self.who}: dense gradient gather"
+        wait(posted(what, dist.all_gather, outs, self._mine, group=self.group, async_op=True), what)
         return self._out[: self.numel]

@@ -4,12 +4,15 @@ report to the oracle, and evaluate over the servers' tables at the end."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from bagpipe import faults, wire
+from bagpipe.checkpoint import BackgroundWriter, Checkpoint, dense_arrays, load_dense, name_for
 from bagpipe.config import RunConfig
 from bagpipe.embedding import SliceKeys, slice_keys
 from bagpipe.errors import PeerError
@@ -20,7 +23,7 @@ from bagpipe.plan import PlanMessage
 from bagpipe.protocol import FrameLayout, TrainerChannel
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
-from bagpipe.transport import Groups, Roles, StreamReceiver, ready, send_bytes, wait
+from bagpipe.transport import Groups, Roles, StreamReceiver, posted, ready, send_bytes, wait
 from bagpipe.trainers.common import DenseState, IterationClock
 from bagpipe.trainers.reduction import ShardedOrderedSum
 from bagpipe.trainers.step import SliceResult, forward_logits
@@ -29,7 +32,8 @@ NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 class TrainerRuntime:
-    def __init__(self, cfg: RunConfig, roles: Roles, groups: Groups, index: int, data: RunData):
+    def __init__(self, cfg: RunConfig, roles: Roles, groups: Groups, index: int, data: RunData,
+                 resume: Checkpoint | None = None):
         self.cfg, self.roles, self.groups, self.k, self.data = cfg, roles, groups, index, data
         self.me = roles.trainers[index]
         self.desc = roles.describe(self.me)
@@ -38,6 +42,11 @@ class TrainerRuntime:
         self.d = self.rows.row_dim
         self.optimizer = SparseOptimizer.from_config(cfg.optimizer, self.d)
         self.dense = DenseState.build(cfg)
+        self.start = 0  # first iteration of this run (a resumed run continues a checkpoint)
+        if resume is not None:
+            load_dense(resume, self.dense.model, self.dense.optimizer)
+            self.start = resume.iterations
+        self.writer = BackgroundWriter(self.desc)
         layout = FrameLayout(self.d, self.optimizer.state_dim, self.rows.total_rows)
         self.channel = TrainerChannel(layout, Placement(cfg.cluster.servers), roles.servers, groups.data, index,
                                       self.desc, roles.describe)
@@ -68,8 +77,8 @@ class TrainerRuntime:
             return plan
 
     def slices(self, columns: str = "all"):
-        """This trainer's slices of the training batches (it reads no other rows)."""
-        return iter(self.data.train_batches(columns=columns, slice_of=(self.k, self.T)))
+        """This trainer's slices of the training batches (it reads no other rows), from the start."""
+        return iter(self.data.train_batches(columns=columns, start_batch=self.start, slice_of=(self.k, self.T)))
 
     def read_slice(self, batches) -> tuple[object, SliceKeys] | None:
         """The next slice and its sorted unique keys, timed as data; None at the end."""
@@ -81,7 +90,7 @@ class TrainerRuntime:
             return part, slice_keys(self.rows.keys_of(part.sparse))
 
     def progress(self, mode: str):
-        return tqdm(total=self.data.num_train_batches, desc=str(mode), unit="it",
+        return tqdm(total=self.data.num_train_batches, initial=self.start, desc=str(mode), unit="it",
                     disable=None if self.k == 0 else True)
 
     # --- dense reduction -------------------------------------------------------------
@@ -96,18 +105,25 @@ class TrainerRuntime:
         return total[:-1], total[-1].clone()
 
     def dense_step(self, summed_grad: torch.Tensor, iteration: int) -> float:
-        """The dense optimizer's step; returns the learning rate it used."""
+        """The dense optimizer's step (and trainer 0's part of a checkpoint after it);
+        returns the learning rate it used."""
         lr = self.cfg.optimizer.dense_lr_at(faults.lr_iteration("trainer_dense", iteration))
         self.dense.step(summed_grad, lr)
+        if self.k == 0 and self.cfg.checkpoint.after(iteration, self.data.num_train_batches - 1):
+            root = self.cfg.checkpoint.root(self.cfg.run_dir)
+            self.writer.submit(os.path.join(root, name_for(iteration + 1)), "dense",
+                               npz=dense_arrays(self.dense.model, self.dense.optimizer))
         return lr
 
     # --- reports to the oracle ----------------------------------------------------------
     def report(self, record: dict) -> None:
         """Send one iteration's record; the clock's lap closes the iteration."""
+        self.writer.check()  # a failed checkpoint write fails the job here, naming this trainer
         record.update(self.clock.lap())
         record["bytes_dense"] = self.reduction.bytes_per_call
         msg = wire.encode(wire.TRAINER_FIELDS, record)
-        self._pending_metrics.append((dist.isend(msg, self.roles.oracle, group=self.groups.metrics), msg))
+        what = f"{self.desc}: iteration {record['iter']} report to {self.roles.describe(self.roles.oracle)}"
+        self._pending_metrics.append((posted(what, dist.isend, msg, self.roles.oracle, group=self.groups.metrics), msg))
         if len(self._pending_metrics) > 64:
             wait(self._pending_metrics.pop(0)[0], f"{self.desc}: metrics to oracle")
 
@@ -119,7 +135,7 @@ class TrainerRuntime:
         with torch.no_grad():
             for part in self.data.eval_batches(slice_of=(self.k, self.T)):
                 sk = slice_keys(self.rows.keys_of(part.sparse))
-                self.channel.send_stage(stage, NO_KEYS, None, NO_KEYS, None, None, sk.keys)
+                self.channel.send_stage(stage, sk.keys)
                 values, _ = self.channel.wait_answers(self.channel.post_answers(stage, sk.keys, with_state=False))
                 out = forward_logits(self.dense.model, torch.from_numpy(part.dense), values, sk.inverse)
                 logits.append(out.numpy().astype(np.float64))
@@ -133,11 +149,13 @@ class TrainerRuntime:
                 wait(work, f"{self.desc}: eval results to oracle")
 
     def finish(self) -> None:
+        self.writer.close()
         self._flush_sends()
         final = wire.encode(wire.FINAL_TRAINER_FIELDS, {
             "dense_digest": self.dense.digest(with_optimizer_state=True), "peak_rss_kb": peak_rss_kb(),
         })
-        wait(dist.isend(final, self.roles.oracle, group=self.groups.metrics), f"{self.desc}: final report")
+        what = f"{self.desc}: final report to {self.roles.describe(self.roles.oracle)}"
+        wait(posted(what, dist.isend, final, self.roles.oracle, group=self.groups.metrics), what)
 
     def _flush_sends(self) -> None:
         self.channel.flush()
