@@ -118,26 +118,74 @@ class CacheSize:
         return "unlimited"
 
 
+POOLINGS = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One embedding table, as TorchRec's EmbeddingBagConfig: its rows, how a bag of its
+    rows pools into one vector (sum or mean; an empty bag is zeros), and the sparse
+    features that read it (one table may serve several). The row width is the model's."""
+
+    name: str
+    num_embeddings: int
+    feature_names: tuple[str, ...] = ()
+    pooling: str = "sum"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_names", tuple(self.feature_names) or (self.name,))
+        if self.num_embeddings < 1:
+            raise ConfigError(f"table {self.name!r}: num_embeddings must be >= 1, got {self.num_embeddings}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"table {self.name!r}: pooling {self.pooling!r}, expected one of {', '.join(POOLINGS)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the dense network; embedding storage is not part of the model."""
+    """Shape of the dense network and its tables; embedding storage is not part of it.
+
+    `tables` (typed, one per embedding table) and `features` (the sparse features in
+    data order; default: every table's features in table order) define what the model
+    reads; `multi_hot` names the features whose examples carry bags of ids. Giving only
+    `cardinalities` means one one-hot table per feature (C1, C2, ...)."""
 
     name: str = "dlrm"
     num_dense: int = 13
-    cardinalities: tuple[int, ...] = ()
+    cardinalities: tuple[int, ...] = ()  # per table (derived from `tables` when given)
     embedding_dim: int = 16
-    bottom_mlp: tuple[int, ...] = (64, 16)  # ends in embedding_dim (dlrm)
+    bottom_mlp: tuple[int, ...] = (64, 16)  # ends in embedding_dim (dlrm; dcn with cross_input="bottom")
     top_mlp: tuple[int, ...] = (64, 32)
     cross_layers: int = 2  # dcn only
-    deep_mlp: tuple[int, ...] = (64, 32)  # wide_deep, deepfm
+    deep_mlp: tuple[int, ...] = (64, 32)  # wide_deep, deepfm; dcn: the MLP after the cross network
+    cross_rank: int | None = None  # dcn: low-rank cross layers (W = U V^T of this rank); None: full rank
+    cross_input: str = "raw"  # dcn: what joins the embeddings in the cross network: raw dense features or "bottom"
+    tables: tuple[TableConfig, ...] = ()
+    features: tuple[str, ...] = ()
+    multi_hot: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        tables = tuple(t if isinstance(t, TableConfig) else TableConfig(**t) for t in self.tables)
+        if not tables:
+            tables = tuple(TableConfig(f"C{i + 1}", int(c)) for i, c in enumerate(self.cardinalities))
+        object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "cardinalities", tuple(int(t.num_embeddings) for t in tables))
+        features = tuple(self.features) or tuple(f for t in tables for f in t.feature_names)
+        object.__setattr__(self, "features", features)
+        object.__setattr__(self, "multi_hot", tuple(self.multi_hot))
+        readers = [f for t in tables for f in t.feature_names]
+        if sorted(readers) != sorted(features) or len(set(readers)) != len(readers):
+            raise ConfigError(f"every sparse feature must be read by exactly one table: features {list(features)}, "
+                              f"tables read {readers}")
+        if set(self.multi_hot) - set(features):
+            raise ConfigError(f"multi-hot features {sorted(set(self.multi_hot) - set(features))} are not features")
         if self.name not in MODELS:
             raise ConfigError(f"model {self.name!r} unknown; expected one of {', '.join(MODELS)}")
         if self.embedding_dim <= 0:
             raise ConfigError(f"embedding_dim must be positive, got {self.embedding_dim}")
-        if any(c <= 0 for c in self.cardinalities):
-            raise ConfigError(f"every table cardinality must be positive, got {list(self.cardinalities)}")
+        if self.cross_rank is not None and self.cross_rank < 1:
+            raise ConfigError(f"--cross-rank must be >= 1, got {self.cross_rank}")
+        if self.cross_input not in ("raw", "bottom"):
+            raise ConfigError(f"cross_input must be 'raw' or 'bottom', got {self.cross_input!r}")
         if self.name == "dlrm" and self.num_dense and self.bottom_mlp and self.bottom_mlp[-1] != self.embedding_dim:
             raise ConfigError(
                 f"dlrm: the bottom MLP must end in embedding_dim={self.embedding_dim} "
@@ -146,13 +194,35 @@ class ModelConfig:
 
     @property
     def num_tables(self) -> int:
-        return len(self.cardinalities)
+        return len(self.tables)
+
+    @property
+    def num_features(self) -> int:
+        """Sparse features: the pooled vectors the dense network sees per example."""
+        return len(self.features)
+
+    @property
+    def feature_tables(self) -> tuple[int, ...]:
+        owner = {f: i for i, t in enumerate(self.tables) for f in t.feature_names}
+        return tuple(owner[f] for f in self.features)
+
+    @property
+    def feature_poolings(self) -> tuple[str, ...]:
+        return tuple(self.tables[t].pooling for t in self.feature_tables)
 
     @property
     def row_dim(self) -> int:
         """Floats per stored row: models with a first-order (wide/FM) term keep
         that scalar weight as one extra column of the same row."""
         return self.embedding_dim + (1 if self.name in ("wide_deep", "deepfm") else 0)
+
+
+# named model shapes (`--preset`); ModelConfig fields
+PRESETS: dict[str, dict[str, Any]] = {
+    # MLPerf Training's DLRM-DCNv2 (Criteo 1TB, multi-hot): the model's shape, not its table sizes
+    "mlperf-dcnv2": {"name": "dcn", "embedding_dim": 128, "bottom_mlp": (512, 256, 128), "cross_layers": 3,
+                     "cross_rank": 512, "cross_input": "bottom", "deep_mlp": (1024, 1024, 512, 256)},
+}
 
 
 @dataclass(frozen=True)
@@ -312,8 +382,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
-    iters: int | None = None  # None: one pass over the training split
-    eval_every: int | None = None
+    iters: int | None = None  # None: one pass over the training split (times `epochs`)
+    epochs: int | None = None  # passes over the training split (exclusive with iters)
+    eval_every: int | None = None  # also evaluate after every K-th iteration (read-only stages)
     run_dir: str = "runs/default"
     threads: int = 1  # torch threads per process; bits are only promised at equal thread counts
     tensorboard: str | None = None  # also write scalars here (bagpipe[tensorboard])
@@ -334,13 +405,17 @@ class RunConfig:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.iters is not None and self.iters < 1:
             raise ConfigError(f"--iters must be >= 1, got {self.iters}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.epochs is not None and self.iters is not None:
+            raise ConfigError("give --iters or --epochs, not both")
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
-        if self.eval_every and self.cluster.mode is not Mode.LOCAL:
-            raise ConfigError(
-                f"--eval-every works in local mode only for now; --mode {self.cluster.mode} evaluates once, "
-                f"after training (drop --eval-every)"
-            )
+
+    def evaluates_after(self, iteration: int) -> bool:
+        """Does an evaluation interrupt training after (0-based, absolute) `iteration`?
+        (Every run also evaluates after its last iteration.)"""
+        return self.eval_every is not None and iteration >= 0 and (iteration + 1) % self.eval_every == 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,7 +429,7 @@ class RunConfig:
             return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
         return cls(
-            model=ModelConfig(**tuples(raw["model"])),
+            model=ModelConfig(**tuples(raw["model"])),  # (tables: dicts, rebuilt by ModelConfig)
             optimizer=OptimizerConfig(**raw["optimizer"]),
             data=DataConfig(**raw["data"]),
             cluster=ClusterConfig(**raw["cluster"]),

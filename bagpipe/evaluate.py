@@ -53,10 +53,12 @@ def evaluate_saved(path: str, data: str | None = None, batch_size: int | None = 
     if not eval_parts:
         raise ConfigError(f"{data}: no eval split (a dataset's last part; this one has one part)")
     meta = read_meta(eval_parts[0])
-    check_compatible(meta, model_cfg.num_dense, model_cfg.cardinalities, where=data)
+    check_compatible(meta, model_cfg.num_dense, model_cfg.cardinalities, where=data,
+                     feature_tables=model_cfg.feature_tables)
     batch_size = batch_size or run_batch or 2048
-    rows = RowSpace(model_cfg.cardinalities, model_cfg.row_dim, 0)
+    rows = RowSpace.for_model(model_cfg, 0)
     table = torch.from_numpy(values)
     batches = BatchReader(eval_parts, batch_size, max_batches=eval_batches if eval_batches else run_eval_batches)
     model.eval()
-    return evaluate(model, rows, batches, lambda keys: table.index_select(0, torch.from_numpy(keys)))
+    return evaluate(model, rows, batches, lambda keys: table.index_select(0, torch.from_numpy(keys)),
+                    model_cfg.feature_poolings)

@@ -12,6 +12,7 @@ table of rules, the tests that guard them and the fault each test must catch:
 - ``answer_before_apply``: a server answers a stage's fetches before applying it
 - ``init_by_position``: a server initialises rows from their index in its shard, not their key
 - ``early_read``: the oracle lets a trainer read a row one stage before its fetch lands
+- ``no_eval_flush``: the oracle does not flush changed cached rows to the servers before an evaluation
 - ``lr_next:<role>``: one role takes the learning rate of the next iteration
   (roles ``server``, ``owner``, ``trainer_dense``, ``local_sparse``, ``local_dense``)
 - ``kill:<role><index>@<step>``: SIGKILL a process; ``stop:<role><index>@<step>``: SIGSTOP it (a hung peer)

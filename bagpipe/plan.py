@@ -5,6 +5,7 @@ with the rows it writes back at s (and, in `none` mode, its gradients of
 iteration s) and the keys it fetches at s. A server applies stage s from every
 trainer in rank order, then answers the fetches, so a fetch at s sees every
 update of iterations <= s. Stage -1 is the bootstrap before iteration 0.
+Evaluations read (read-only) between two stages, in stages of their own (`eval_stage`).
 
 Two forms of a trainer's plan:
 
@@ -33,6 +34,18 @@ from bagpipe.placement import Placement
 
 EMPTY_I64 = np.zeros(0, dtype=np.int64)
 STOP_STAGE = -1000  # a ServerPlan with this stage ends the server's loop
+# Read-only evaluation stages sit between stage i and stage i + 1 (after iteration i's
+# updates are applied, or flushed from the caches); their numbers are far from any
+# training stage's, so a mix-up fails the frame checks instead of passing.
+_EVAL_STAGE_BASE = 1 << 50
+_EVAL_BATCHES_MAX = 1 << 24
+
+
+def eval_stage(after_iteration: int, batch: int) -> int:
+    """The stage number of eval batch `batch` of the evaluation after `after_iteration`."""
+    if not 0 <= batch < _EVAL_BATCHES_MAX:
+        raise ValueError(f"eval batch {batch} out of range (at most {_EVAL_BATCHES_MAX} eval batches)")
+    return _EVAL_STAGE_BASE + after_iteration * _EVAL_BATCHES_MAX + batch
 _PLAN_MAGIC = 0x504C_414E  # "PLAN"
 _SERVER_MAGIC = 0x5352_5650  # "SRVP"
 

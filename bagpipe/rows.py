@@ -1,7 +1,9 @@
 """The global row space: every (table, id) is one row key.
 
 Key = offset[table] + id. Servers, caches, plans and digests all speak keys, so
-one sort/unique/searchsorted handles every table at once.
+one sort/unique/searchsorted handles every table at once. A sparse feature reads one
+table (several features may share one), so a feature's ids become keys through its
+table's offset.
 """
 
 from __future__ import annotations
@@ -16,21 +18,34 @@ from bagpipe.hashing import mix, splitmix64, uniform01
 
 @dataclass(frozen=True)
 class RowSpace:
-    cardinalities: tuple[int, ...]
+    cardinalities: tuple[int, ...]  # per table
     row_dim: int
     seed: int
+    feature_tables: tuple[int, ...] = ()  # the table of each sparse feature; empty: one table per feature
+
+    @classmethod
+    def for_model(cls, model, seed: int, row_dim: int | None = None) -> "RowSpace":
+        """The row space of a `ModelConfig` (row_dim: the model's unless given)."""
+        return cls(tuple(model.cardinalities), model.row_dim if row_dim is None else row_dim, seed,
+                   tuple(model.feature_tables))
 
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.cardinalities, dtype=np.int64)[:-1]]).astype(np.int64)
 
     @property
+    def feature_offsets(self) -> np.ndarray:
+        """Key offset of each sparse feature's ids: its table's offset."""
+        offsets = self.offsets
+        return offsets[list(self.feature_tables)] if self.feature_tables else offsets
+
+    @property
     def total_rows(self) -> int:
         return int(sum(self.cardinalities))
 
     def keys_of(self, sparse: np.ndarray) -> np.ndarray:
-        """[tables, b] ids -> [b, tables] keys."""
-        return (sparse + self.offsets[:, None]).T
+        """[features, b] ids -> [b, features] keys."""
+        return (sparse + self.feature_offsets[:, None]).T
 
     def table_of(self, keys: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.offsets, keys, side="right") - 1

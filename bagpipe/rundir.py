@@ -10,7 +10,6 @@ mirroring scalars to TensorBoard. `RunRecord` reads one back, finished or not, f
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,20 +18,12 @@ import numpy as np
 
 from bagpipe.config import ConfigError
 from bagpipe.files import write_json_atomic
+from bagpipe.metrics import normalized_entropy
 
 TENSORBOARD_EXTRA = "pip install 'bagpipe[tensorboard]'"
 STATUS_COMPLETE = "complete"
 STATUS_INCOMPLETE = "incomplete (still running or failed)"
 
-
-
-def normalized_entropy(logloss: float | None, ctr: float | None) -> float:
-    """NE as TorchRec reports it: logloss over the entropy of the base click rate
-    (1.0 = no better than always predicting the eval set's positive rate)."""
-    if logloss is None or ctr is None or not 0.0 < ctr < 1.0:
-        return float("nan")
-    base = -(ctr * math.log(ctr) + (1.0 - ctr) * math.log(1.0 - ctr))
-    return float(logloss) / base
 
 
 class ScalarSink:

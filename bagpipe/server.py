@@ -103,7 +103,8 @@ class StageServer:
         else:
             self._apply_updates(plan, messages, report)
             answers = self._answer(plan, messages, report)
-        self._served_last_stage = [a.keys.copy() for a in answers]
+        if not plan.read_only:  # (evaluation reads between two stages are not for training)
+            self._served_last_stage = [a.keys.copy() for a in answers]
         return answers, report
 
     def _apply_updates(self, plan: ServerPlan, messages: list[StageMessage], report: StageReport) -> None:
@@ -173,7 +174,7 @@ class StageServer:
 def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int, resume: Checkpoint | None = None) -> None:
     me = roles.servers[index]
     desc = roles.describe(me)
-    rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
+    rows = RowSpace.for_model(cfg.model, cfg.seed)
     optimizer = SparseOptimizer.from_config(cfg.optimizer, rows.row_dim)
     placement = Placement(cfg.cluster.servers)
     saved = load_rows(resume, placement, index) if resume is not None else None

@@ -13,7 +13,7 @@ import time
 
 from bagpipe.config import (DENSE_OPTIMIZERS, LR_SCHEDULES, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig,
                             CheckpointConfig, ConfigError, DataConfig, LRSchedule, Mode, ModelConfig, OptimizerConfig,
-                            RunConfig)
+                            PRESETS, RunConfig, TableConfig)
 from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
@@ -35,18 +35,29 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "data/synthetic-default)")
     p.add_argument("--eval-data", default=None, help="eval file or directory (default: the dataset's last part)")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
-    p.add_argument("--model", choices=MODELS, default="dlrm")
-    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named model shape (flags given as well override its values), e.g. mlperf-dcnv2: "
+                        "MLPerf's DLRM-DCNv2 (bottom 512-256-128, dim 128, 3 low-rank cross layers of rank 512, "
+                        "top 1024-1024-512-256-1)")
+    p.add_argument("--model", choices=MODELS, default=None, help="default: dlrm")
+    p.add_argument("--embedding-dim", type=int, default=None, help="default: 16")
     p.add_argument("--bottom-mlp", type=_ints, default=None, help="default: 64,<embedding-dim>")
-    p.add_argument("--top-mlp", type=_ints, default=(64, 32))
-    p.add_argument("--deep-mlp", type=_ints, default=(64, 32))
-    p.add_argument("--cross-layers", type=int, default=2)
+    p.add_argument("--top-mlp", type=_ints, default=None, help="default: 64,32")
+    p.add_argument("--deep-mlp", type=_ints, default=None, help="default: 64,32 (dcn: the MLP after the cross network)")
+    p.add_argument("--cross-layers", type=int, default=None, help="dcn: default 2")
+    p.add_argument("--cross-rank", type=int, default=None, help="dcn: low-rank cross layers of this rank")
+    p.add_argument("--cross-input", choices=("raw", "bottom"), default=None,
+                   help="dcn: the cross network reads the raw dense features (default) or a bottom MLP's output")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--iters", type=int, default=None, help="default: one pass over the training split")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training split (instead of --iters); with --shuffle-seed S, epoch e "
+                        "reads in the seeded order S + e")
     p.add_argument("--run-dir", default=None, help="default: runs/<mode>")
     p.add_argument("--trainers", type=int, default=1)
     p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="evaluate every K iterations (and after training): AUC, logloss, NE in metrics.jsonl")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse (row) optimizer")
     p.add_argument("--dense-optimizer", choices=DENSE_OPTIMIZERS, default=None, help="default: like --optimizer")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of both optimizers unless overridden")
@@ -118,17 +129,20 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     data_path = args.data or ensure_default_data()
     train_parts, _ = split_parts(data_path, args.eval_data)
     meta = read_meta(train_parts[0])
-    bottom = args.bottom_mlp if args.bottom_mlp is not None else (64, args.embedding_dim)
-    model = ModelConfig(
-        name=args.model,
-        num_dense=meta.num_dense,
-        cardinalities=tuple(meta.cardinalities),
-        embedding_dim=args.embedding_dim,
-        bottom_mlp=bottom if meta.num_dense else (),
-        top_mlp=args.top_mlp,
-        cross_layers=args.cross_layers,
-        deep_mlp=args.deep_mlp,
-    )
+    shape = dict(PRESETS[args.preset]) if args.preset else {}
+    for field_name, value in (("name", args.model), ("embedding_dim", args.embedding_dim),
+                              ("bottom_mlp", args.bottom_mlp), ("top_mlp", args.top_mlp), ("deep_mlp", args.deep_mlp),
+                              ("cross_layers", args.cross_layers), ("cross_rank", args.cross_rank),
+                              ("cross_input", args.cross_input)):
+        if value is not None:
+            shape[field_name] = value
+    shape.setdefault("embedding_dim", 16)
+    shape.setdefault("bottom_mlp", (64, shape["embedding_dim"]))
+    if not meta.num_dense:
+        shape["bottom_mlp"] = ()
+    tables = tuple(TableConfig(t.name, t.cardinality, tuple(t.features), t.pooling) for t in meta.tables)
+    model = ModelConfig(num_dense=meta.num_dense, tables=tables, features=tuple(meta.sparse_features),
+                        multi_hot=tuple(meta.multi_hot), **shape)
     lr = args.lr
     optimizer = OptimizerConfig(
         sparse=args.optimizer,
@@ -161,6 +175,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         cluster=cluster,
         seed=args.seed,
         iters=args.iters,
+        epochs=args.epochs,
         eval_every=args.eval_every,
         run_dir=args.run_dir or os.path.join("runs", args.mode),
         threads=args.threads,
@@ -300,10 +315,11 @@ def preflight(cfg: RunConfig, data, budget_s: float = 10.0) -> None:
     if cfg.cluster.mode is not Mode.BAGPIPE or cfg.cluster.cache_rows is None:
         return
     from bagpipe.oracle.lrpp import PlanError, check_capacity
+    from bagpipe.embedding import planner_keys
     from bagpipe.rows import RowSpace
 
-    rows = RowSpace(cfg.model.cardinalities, 1, cfg.seed)
-    batches = (rows.keys_of(b.sparse) for b in data.train_batches(columns="sparse"))
+    rows = RowSpace.for_model(cfg.model, cfg.seed, row_dim=1)
+    batches = (planner_keys(b, rows) for b in data.train_batches(columns="sparse"))
     try:
         scan = check_capacity(batches, cfg.cluster.trainers, cfg.cluster.cache_rows, budget_s)
     except PlanError as err:

@@ -5,12 +5,19 @@ name order. Every file has the same schema:
 
 - ``label``: float32, 0.0 or 1.0
 - ``I1`` .. ``In``: float32 dense features, already preprocessed (e.g. log(x+1))
-- ``C1`` .. ``Cm``: int64 sparse ids, one per example per table, each in
-  ``[0, cardinality)`` of its table
+- one column per sparse feature (``C1`` .. ``Cm`` by default): either int64, one id per
+  example (one-hot, the fast path), or list<int64>, a bag of ids per example of any
+  length, empty included (multi-hot); every id in ``[0, cardinality)`` of the table
+  the feature reads
 
 Every file's schema metadata holds, under the key ``bagpipe``, a JSON object
-(`DatasetMeta`): feature names, table cardinalities, the source and the
+(`DatasetMeta`): feature names, the tables (name, cardinality, pooling ``sum`` or
+``mean``, and the features that read each one: a table may serve several features, as
+TorchRec's ``feature_names``), which features are multi-hot, the source and the
 preprocessing options. The meta is identical across the files of a dataset.
+
+Version 1 (every feature one-hot, one table per feature, named like the feature,
+sum pooling) is still read: its meta has no ``tables``, and they are derived.
 
 By convention the last part is the held-out evaluation split (as Criteo's last
 day) when a dataset has more than one part.
@@ -28,7 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"bagpipe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+POOLINGS = ("sum", "mean")
 PART_PATTERN = "part-{:05d}.parquet"
 
 
@@ -37,21 +46,73 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class TableMeta:
+    """One embedding table: its rows, how a bag of them pools, and the features reading it."""
+
+    name: str
+    cardinality: int
+    pooling: str = "sum"
+    features: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class DatasetMeta:
     dense_features: list[str]
     sparse_features: list[str]
-    cardinalities: list[int]
+    cardinalities: list[int]  # per table (in version 1, tables and sparse features are the same)
     source: str
     preprocessing: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    tables: list[TableMeta] = field(default_factory=list)  # empty: one table per feature (version 1)
+    multi_hot: list[str] = field(default_factory=list)  # sparse features stored as list<int64>
+
+    def __post_init__(self) -> None:
+        tables = [t if isinstance(t, TableMeta) else TableMeta(**t) for t in self.tables]
+        if not tables:
+            if len(self.cardinalities) != len(self.sparse_features):
+                raise DatasetError(f"{len(self.cardinalities)} cardinalities for {len(self.sparse_features)} "
+                                   f"sparse features and no tables given")
+            tables = [TableMeta(f, int(c), "sum", [f]) for f, c in zip(self.sparse_features, self.cardinalities)]
+        object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "cardinalities", [int(t.cardinality) for t in tables])
+        readers = [f for t in tables for f in t.features]
+        if sorted(readers) != sorted(self.sparse_features) or len(set(readers)) != len(readers):
+            raise DatasetError(f"every sparse feature must be read by exactly one table: features "
+                               f"{self.sparse_features}, tables read {readers}")
+        for t in tables:
+            if t.pooling not in POOLINGS:
+                raise DatasetError(f"table {t.name!r}: pooling {t.pooling!r}, expected one of {', '.join(POOLINGS)}")
+            if t.cardinality < 1:
+                raise DatasetError(f"table {t.name!r}: cardinality must be >= 1, got {t.cardinality}")
+        unknown = set(self.multi_hot) - set(self.sparse_features)
+        if unknown:
+            raise DatasetError(f"multi-hot features {sorted(unknown)} are not sparse features")
 
     @property
     def num_dense(self) -> int:
         return len(self.dense_features)
 
     @property
-    def num_tables(self) -> int:
+    def num_features(self) -> int:
         return len(self.sparse_features)
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.tables)
+
+    @property
+    def feature_tables(self) -> list[int]:
+        """The table each sparse feature reads (by position)."""
+        owner = {f: i for i, t in enumerate(self.tables) for f in t.features}
+        return [owner[f] for f in self.sparse_features]
+
+    @property
+    def feature_cardinalities(self) -> list[int]:
+        return [self.cardinalities[t] for t in self.feature_tables]
+
+    @property
+    def is_multi_hot(self) -> bool:
+        return bool(self.multi_hot)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -60,21 +121,23 @@ class DatasetMeta:
     def from_json(cls, text: str, where: str = "<metadata>") -> "DatasetMeta":
         try:
             raw = json.loads(text)
-            meta = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
+            version = raw.get("version")
+            if version not in READABLE_VERSIONS:
+                raise DatasetError(f"{where}: dataset format version {version}, expected one of "
+                                   f"{', '.join(map(str, READABLE_VERSIONS))}")
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
             raise DatasetError(f"{where}: bagpipe metadata is malformed: {err}") from err
-        if meta.version != FORMAT_VERSION:
-            raise DatasetError(f"{where}: dataset format version {meta.version}, expected {FORMAT_VERSION}")
-        if len(meta.cardinalities) != len(meta.sparse_features):
-            raise DatasetError(
-                f"{where}: {len(meta.cardinalities)} cardinalities for {len(meta.sparse_features)} sparse features"
-            )
-        return meta
+        except DatasetError as err:
+            if str(err).startswith(where):
+                raise
+            raise DatasetError(f"{where}: {err}") from None
 
     def schema(self) -> pa.Schema:
         fields = [pa.field("label", pa.float32())]
         fields += [pa.field(name, pa.float32()) for name in self.dense_features]
-        fields += [pa.field(name, pa.int64()) for name in self.sparse_features]
+        fields += [pa.field(name, pa.list_(pa.int64()) if name in self.multi_hot else pa.int64())
+                   for name in self.sparse_features]
         return pa.schema(fields, metadata={META_KEY: self.to_json().encode()})
 
 

@@ -25,13 +25,14 @@ value and row.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from .format import DatasetError, DatasetMeta, list_parts, read_meta
+from .jagged import Bags
 
 COLUMNS = ("all", "sparse")
 
@@ -41,7 +42,8 @@ class Batch:
     index: int
     dense: np.ndarray  # float32 [b, num_dense]; [0, num_dense] when read with columns="sparse"
     labels: np.ndarray  # float32 [b]; [0] when read with columns="sparse"
-    sparse: np.ndarray  # int64 [num_tables, b], C-contiguous
+    sparse: np.ndarray  # int64 [num_features, b], C-contiguous: one-hot features' ids (multi-hot rows: 0)
+    bags: dict[int, Bags] = field(default_factory=dict)  # multi-hot features (by position): their bags
 
     @property
     def size(self) -> int:
@@ -62,6 +64,7 @@ class Batch:
             dense=self.dense[lo:hi] if has_rows else self.dense,
             labels=self.labels[lo:hi] if has_rows else self.labels,
             sparse=np.ascontiguousarray(self.sparse[:, lo:hi]),
+            bags={f: bags.slice(lo, hi) for f, bags in self.bags.items()},
         )
 
 
@@ -105,19 +108,25 @@ def _footer(path: str) -> pq.FileMetaData:
         raise DatasetError(f"{path}: not a readable Parquet file: {err}") from err
 
 
-def check_compatible(meta: DatasetMeta, num_dense: int, cardinalities: Sequence[int], where: str) -> None:
-    """Raise DatasetError unless the dataset matches the model's dense features and tables."""
+def check_compatible(meta: DatasetMeta, num_dense: int, cardinalities: Sequence[int], where: str,
+                     feature_tables: Sequence[int] | None = None) -> None:
+    """Raise DatasetError unless the dataset matches the model's dense features, tables
+    and which table each sparse feature reads (default: one table per feature)."""
     problems = []
     if meta.num_dense != num_dense:
         problems.append(f"{meta.num_dense} dense features, the model expects {num_dense}")
     cards = list(cardinalities)
+    wanted = list(feature_tables) if feature_tables is not None else list(range(len(cards)))
     if meta.num_tables != len(cards):
-        problems.append(f"{meta.num_tables} sparse features (tables), the model expects {len(cards)}")
+        problems.append(f"{meta.num_tables} tables, the model expects {len(cards)}")
+    elif meta.feature_tables != wanted:
+        problems.append(f"its {meta.num_features} sparse features read tables {meta.feature_tables}, the model "
+                        f"expects {wanted}")
     else:
         diffs = [
-            f"{name}: dataset {d}, model {m}"
-            for name, d, m in zip(meta.sparse_features, meta.cardinalities, cards)
-            if int(d) != int(m)
+            f"{t.name}: dataset {int(t.cardinality)}, model {m}"
+            for t, m in zip(meta.tables, cards)
+            if int(t.cardinality) != int(m)
         ]
         if diffs:
             more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
@@ -133,8 +142,8 @@ def check_id_ranges(parts: Sequence[str], meta: DatasetMeta) -> None:
     without statistics are left to the reader's per-batch check."""
     for part in parts:
         footer = _footer(part)
-        names = [footer.schema.column(i).name for i in range(footer.num_columns)]
-        for table, (name, card) in enumerate(zip(meta.sparse_features, meta.cardinalities)):
+        names = [footer.schema.column(i).path.split(".")[0] for i in range(footer.num_columns)]  # (list leaves too)
+        for table, (name, card) in enumerate(zip(meta.sparse_features, meta.feature_cardinalities)):
             col = names.index(name)
             for g in range(footer.num_row_groups):
                 stats = footer.row_group(g).column(col).statistics
@@ -191,8 +200,8 @@ class BatchReader:
         for p in self.parts[1:]:
             m = read_meta(p)
             if m.dense_features != self.meta.dense_features or m.sparse_features != self.meta.sparse_features \
-                    or m.cardinalities != self.meta.cardinalities:
-                raise DatasetError(f"{p}: features or cardinalities differ from {self.parts[0]}")
+                    or m.tables != self.meta.tables or m.multi_hot != self.meta.multi_hot:
+                raise DatasetError(f"{p}: features or tables differ from {self.parts[0]}")
         # units: (part index, row group, rows)
         units = []
         for i, p in enumerate(self.parts):
@@ -211,14 +220,16 @@ class BatchReader:
         self.total_batches = total
         n = max(0, total - start_batch)
         self.num_batches = n if max_batches is None else min(n, max_batches)
-        self._cards = np.asarray(self.meta.cardinalities, dtype=np.int64)
+        self._cards = np.asarray(self.meta.feature_cardinalities, dtype=np.int64)  # per sparse feature
+        multi = set(self.meta.multi_hot)
+        self._multi = [f for f, name in enumerate(self.meta.sparse_features) if name in multi]
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _load(self, unit: tuple[int, int, int], files: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One row group as (labels [n], dense [n, D], sparse [tables, n]) arrays: decoded
-        and stacked once, then sliced by every batch that falls in it."""
+    def _load(self, unit: tuple[int, int, int], files: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """One row group as (labels [n], dense [n, D], sparse [features, n], bags) arrays:
+        decoded and stacked once, then sliced by every batch that falls in it."""
         i, rg, n = unit
         pf = files.get(i)
         if pf is None:
@@ -229,21 +240,36 @@ class BatchReader:
         if self.columns == "all":
             names = ["label", *meta.dense_features, *names]
         table = pf.read_row_group(rg, columns=names, use_threads=self.use_threads)
-        cols = [table.column(k).to_numpy() for k in range(table.num_columns)]
-        T, D = meta.num_tables, meta.num_dense
-        sparse = np.stack(cols[-T:]) if T else np.zeros((0, n), np.int64)
+        F, D = meta.num_features, meta.num_dense
+        first = table.num_columns - F
+        bags = {f: Bags.from_arrow(table.column(first + f)) for f in self._multi}
+        zeros = np.zeros(n, np.int64)
+        sparse = np.stack([zeros if f in bags else table.column(first + f).to_numpy() for f in range(F)]) \
+            if F else np.zeros((0, n), np.int64)
         if self.columns != "all":
-            return np.zeros(0, np.float32), np.zeros((0, D), np.float32), sparse
+            return np.zeros(0, np.float32), np.zeros((0, D), np.float32), sparse, bags
+        cols = [table.column(k).to_numpy() for k in range(first)]
         dense = np.stack(cols[1:1 + D], axis=1) if D else np.zeros((n, 0), np.float32)
-        return cols[0], dense, sparse
+        return cols[0], dense, sparse, bags
+
+    def _check_bags(self, bags: dict[int, Bags], unit: tuple[int, int, int], row0: int) -> None:
+        """Every id of a multi-hot piece within its table."""
+        if not self.check_ids:
+            return
+        for f, piece in bags.items():
+            bad = np.flatnonzero((piece.values < 0) | (piece.values >= self._cards[f]))
+            if bad.size:
+                example = int(np.searchsorted(piece.offsets, bad[0], side="right")) - 1
+                raise DatasetError(f"{self._where(unit, row0 + example)}: column {self.meta.sparse_features[f]!r} "
+                                   f"has id {int(piece.values[bad[0]])} outside [0, {int(self._cards[f])})")
 
     def _check(self, sparse: np.ndarray, unit: tuple[int, int, int], row0: int) -> None:
-        """sparse: [T, k] slice of the batch just filled from `unit` starting at its row row0."""
+        """sparse: [features, k] slice of the batch just filled from `unit` starting at its row row0."""
         if not self.check_ids or sparse.shape[1] == 0:
             return
         lo = sparse.min(axis=1)
         hi = sparse.max(axis=1)
-        bad = np.flatnonzero((lo < 0) | (hi >= self._cards))
+        bad = np.flatnonzero((lo < 0) | (hi >= self._cards))  # (multi-hot rows hold zeros: always in range)
         if bad.size == 0:
             return
         t = int(bad[0])
@@ -273,7 +299,7 @@ class BatchReader:
     def __iter__(self) -> Iterator[Batch]:
         B, rank, trainers = self.batch_size, *self.slice_of
         per = B // trainers
-        T, D = self.meta.num_tables, self.meta.num_dense
+        T, D = self.meta.num_features, self.meta.num_dense
         full = self.columns == "all"
         files: dict = {}
         u, loaded = 0, None  # current unit and its arrays
@@ -282,6 +308,7 @@ class BatchReader:
             labels = np.empty(per if full else 0, np.float32)
             dense = np.empty((per if full else 0, D), np.float32)
             sparse = np.empty((T, per), np.int64)
+            pieces: dict[int, list[Bags]] = {f: [] for f in self._multi}
             fill = 0
             while fill < per:
                 while lo + fill >= self._unit_end[u]:
@@ -292,10 +319,16 @@ class BatchReader:
                 k = min(per - fill, self.units[u][2] - off)
                 sparse[:, fill:fill + k] = loaded[2][:, off:off + k]
                 self._check(sparse[:, fill:fill + k], self.units[u], off)
+                if pieces:
+                    cut = {f: bags.slice(off, off + k) for f, bags in loaded[3].items()}
+                    self._check_bags(cut, self.units[u], off)
+                    for f, piece in cut.items():
+                        pieces[f].append(piece)
                 if full:
                     labels[fill:fill + k] = loaded[0][off:off + k]
                     dense[fill:fill + k] = loaded[1][off:off + k]
                     if self.check_ids:
                         self._check_values(labels[fill:fill + k], dense[fill:fill + k], self.units[u], off)
                 fill += k
-            yield Batch(index=index, dense=dense, labels=labels, sparse=sparse)
+            yield Batch(index=index, dense=dense, labels=labels, sparse=sparse,
+                        bags={f: Bags.concat(p) for f, p in pieces.items()})

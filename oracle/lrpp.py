@@ -59,6 +59,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from bagpipe.embedding import ExampleKeys
 from bagpipe.placement import Placement
 from bagpipe.plan import EMPTY_I64, IterationPlan, PlanStats, TrainerPlan, server_plans
 
@@ -107,10 +108,12 @@ class PlannerConfig:
     # late fetch (instead of 88% of fetches one iteration ahead); at 4% and L=8,
     # 22% more. Rows prefetched further ahead (D > 2) only ever use free room.
     evict_ahead: int = 1
-    # checkpoints: after every iteration i with (first_iteration + i + 1) % checkpoint_every == 0,
-    # that stage flushes every row changed since its fetch (or the last flush) to the servers;
+    # checkpoints and evaluations: after every iteration i with (first_iteration + i + 1) a
+    # multiple of checkpoint_every or eval_every, that stage flushes every row changed since
+    # its fetch (or the last flush) to the servers, which then hold the whole model;
     # first_iteration is the absolute number of the planner's iteration 0 (a resumed run)
     checkpoint_every: int | None = None
+    eval_every: int | None = None
     first_iteration: int = 0
 
     def __post_init__(self) -> None:
@@ -134,11 +137,14 @@ class PlannerConfig:
             raise PlanError(f"evict_ahead must be >= 1, got {self.evict_ahead}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise PlanError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise PlanError(f"eval_every must be >= 1, got {self.eval_every}")
 
-    def is_checkpoint(self, s: int) -> bool:
-        """Stage s (relative) ends the iteration a checkpoint is taken after."""
-        every = self.checkpoint_every
-        return every is not None and s >= 0 and (self.first_iteration + s + 1) % every == 0
+    def flushes_at(self, s: int) -> bool:
+        """Stage s (relative) ends an iteration a checkpoint or an evaluation follows."""
+        n = self.first_iteration + s + 1
+        return s >= 0 and any(every is not None and n % every == 0
+                              for every in (self.checkpoint_every, self.eval_every))
 
     @property
     def horizon(self) -> int:
@@ -356,10 +362,10 @@ class _LRPPPlanner:
             if R is not None and not win.is_last(s + 1):
                 self._make_room(s, wb_keys, wb_slots, fetch_keys, stats)
 
-        # --- a checkpoint flushes what changed (rows stay resident) ---------------------
+        # --- a checkpoint or evaluation flushes what changed (rows stay resident) ---------------------
         flush_keys: list[np.ndarray] = [EMPTY_I64] * T
         flush_slots: list[np.ndarray] = [EMPTY_I64] * T
-        if not last and self.cfg.is_checkpoint(s):  # (the last stage writes everything back anyway)
+        if not last and self.cfg.flushes_at(s):  # (the last stage writes everything back anyway)
             for t in range(T):
                 resident = np.sort(self._resident_keys(t))
                 keys = resident[self.dirty[resident]]
@@ -591,7 +597,7 @@ def check_capacity(batches: Iterable[np.ndarray], trainers: int, cache_rows: int
     deadline = time.monotonic() + budget_s
     previous, checked = None, 0
     for i, batch in enumerate(batches):
-        keys = sorted_unique(np.asarray(batch))
+        keys = sorted_unique(batch.keys if isinstance(batch, ExampleKeys) else np.asarray(batch))
         if previous is not None:
             need = previous.size + keys.size - np.intersect1d(previous, keys, assume_unique=True).size
             if need > trainers * cache_rows:

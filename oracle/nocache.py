@@ -20,17 +20,14 @@ from bagpipe.placement import Placement
 from bagpipe.plan import EMPTY_I64, IterationPlan, PlanStats, TrainerPlan, server_plans
 
 from .lrpp import PlanError
-from .window import sorted_unique
+from .window import sorted_unique, trainer_keys
 
 
-def _slice_reads(batch: np.ndarray, trainers: int, index: int) -> list[np.ndarray]:
-    arr = np.asarray(batch)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise PlanError(f"batch {index}: expected an int64 [B, tables] key array, got {arr.dtype} {arr.shape}")
-    if arr.shape[0] % trainers:
-        raise PlanError(f"batch {index}: {arr.shape[0]} examples do not split over {trainers} trainers")
-    per = arr.shape[0] // trainers
-    return [sorted_unique(arr[k * per : (k + 1) * per].astype(np.int64, copy=False)) for k in range(trainers)]
+def _slice_reads(batch, trainers: int, index: int) -> list[np.ndarray]:
+    try:
+        return [sorted_unique(keys) for keys in trainer_keys(batch, trainers)]
+    except ValueError as err:
+        raise PlanError(f"batch {index}: {err}") from None
 
 
 def plan_none(trainers: int, servers: int, batches: Iterable[np.ndarray]) -> Iterator[IterationPlan]:

@@ -24,10 +24,12 @@ from bagpipe import faults, wire
 from bagpipe.checkpoint import Committer, name_for
 from bagpipe.config import Mode, RunConfig
 from bagpipe.digest import final_digest, iteration_digest
+from bagpipe.embedding import ExampleKeys, planner_keys
 from bagpipe.errors import PeerError
-from bagpipe.metrics import auc, logloss, peak_rss_kb
+from bagpipe.metrics import as_record_fields, as_summary_fields, peak_rss_kb, score_metrics
+from bagpipe.oracle.window import trainer_keys
 from bagpipe.placement import Placement
-from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, server_plans
+from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, eval_stage, server_plans
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
 from bagpipe.rundir import RunWriter
@@ -37,45 +39,62 @@ QUEUE_DEPTH = 32  # plans in flight per destination
 TRAILER_BYTES = 8  # every plan message carries the length of the next one
 
 
-def _key_batches(data: RunData, rows: RowSpace, start: int = 0):
-    for batch in data.train_batches(columns="sparse", start_batch=start):
-        yield np.ascontiguousarray(rows.keys_of(batch.sparse))
+class KeyStream:
+    """The planner's input: every training batch's row keys from `start` on (only the
+    sparse columns are read), counting the ids (for the planning rate in ids/s)."""
+
+    def __init__(self, data: RunData, rows: RowSpace, start: int = 0):
+        self.data, self.rows, self.start = data, rows, start
+        self.ids = 0
+
+    def __iter__(self):
+        for batch in self.data.train_batches(columns="sparse", start_batch=self.start):
+            keys = planner_keys(batch, self.rows)
+            self.ids += keys.keys.size if isinstance(keys, ExampleKeys) else keys.size
+            yield keys
 
 
 def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace, start: int = 0):
-    """Plans from iteration `start` on (a resumed run starts with empty caches), numbered
-    from 0 by the planner: the caller shifts them by `start`."""
+    """(plans, their KeyStream): plans from iteration `start` on (a resumed run starts
+    with empty caches), numbered from 0 by the planner: the caller shifts them by `start`."""
     T, S = cfg.cluster.trainers, cfg.cluster.servers
-    batches = _key_batches(data, rows, start)
+    batches = KeyStream(data, rows, start)
     if cfg.cluster.mode is Mode.NONE:
         from bagpipe.oracle.nocache import plan_none
 
-        return plan_none(T, S, batches)
+        return plan_none(T, S, batches), batches
     from bagpipe.oracle.lrpp import PlannerConfig, plan_lrpp
 
     pcfg = PlannerConfig(trainers=T, servers=S, lookahead=cfg.cluster.lookahead,
                          prefetch_distance=cfg.cluster.prefetch_distance, cache_rows=cfg.cluster.cache_rows,
-                         total_rows=rows.total_rows, checkpoint_every=cfg.checkpoint.every, first_iteration=start)
-    return plan_lrpp(pcfg, batches)
+                         total_rows=rows.total_rows, checkpoint_every=cfg.checkpoint.every,
+                         eval_every=None if faults.active("no_eval_flush") else cfg.eval_every,
+                         first_iteration=start)
+    return plan_lrpp(pcfg, batches), batches
 
 
-def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, first_stage: int):
-    """Read-only stages: per eval batch, how many rows each trainer fetches from each server."""
+def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, after_iteration: int):
+    """The read-only stages of the evaluation after `after_iteration`: per eval batch,
+    how many rows each trainer fetches from each server."""
     T = cfg.cluster.trainers
-    per = cfg.data.batch_size // T
     placement = Placement(cfg.cluster.servers)
     empty = [EMPTY_I64] * T
-    for stage, batch in enumerate(data.eval_batches(columns="sparse"), start=first_stage):
-        keys = rows.keys_of(batch.sparse)
-        reads = [np.unique(keys[k * per:(k + 1) * per]) for k in range(T)]
-        yield server_plans(stage, placement, empty, reads, read_only=True)
+    for j, batch in enumerate(data.eval_batches(columns="sparse")):
+        reads = [np.unique(keys) for keys in trainer_keys(planner_keys(batch, rows), T)]
+        yield server_plans(eval_stage(after_iteration, j), placement, empty, reads, read_only=True)
+
+
+def send_eval_plans(sender: StreamSender, roles: Roles, plans) -> None:
+    for stage in plans:
+        for j, plan in enumerate(stage):
+            sender.send(roles.servers[j], plan.encode())
 
 
 def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, start: int = 0,
                history: dict | None = None) -> None:
     """`start`: the first iteration (a resumed run's checkpoint); `history`: restarts and
     redone iterations so far, for the summary."""
-    rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
+    rows = RowSpace.for_model(cfg.model, cfg.seed)
     writer = RunWriter(cfg.run_dir, cfg.to_dict(), tensorboard=cfg.tensorboard, keep_below=start)
     root = cfg.checkpoint.root(cfg.run_dir)
     committer = Committer(root, cfg.to_dict(), [f"server-{j:04d}" for j in range(cfg.cluster.servers)] + ["dense"],
@@ -86,7 +105,7 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, star
     sender = StreamSender(groups.plan, roles.describe, depth=QUEUE_DEPTH)
     ship_keys = cfg.cluster.mode is Mode.BAGPIPE  # `none` trainers read their next keys themselves
     plan_time, plan_cpu, planned = 0.0, 0.0, 0
-    planner = make_planner(cfg, data, rows, start)
+    planner, keys = make_planner(cfg, data, rows, start)
     last = data.num_train_batches - 1
     ready("oracle")
     while True:
@@ -114,6 +133,8 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, star
         collector.plan_stats[item.iteration] = (item.stats, sum(m.nbytes + TRAILER_BYTES for _, m in messages))
         for dst, payload in messages:
             sender.send(dst, payload)
+        if item.iteration >= start and item.iteration != last and cfg.evaluates_after(item.iteration):
+            send_eval_plans(sender, roles, eval_server_plans(cfg, data, rows, item.iteration))
         planned += 1
     # wall-clock rate (shares the cores with every other role) and per CPU-second of
     # the planning thread (what the planner itself sustains)
@@ -121,11 +142,8 @@ def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, star
     collector.planning = {"plan_seconds": plan_time, "plan_cpu_seconds": plan_cpu, "planned_iterations": n,
                           "plan_batches_per_s": n / plan_time if plan_time else 0.0,
                           "plan_batches_per_cpu_s": n / plan_cpu if plan_cpu else 0.0,
-                          "plan_ids_per_s": n * cfg.data.batch_size * cfg.model.num_tables / plan_time
-                          if plan_time else 0.0}
-    for plans in eval_server_plans(cfg, data, rows, data.num_train_batches):
-        for j, plan in enumerate(plans):
-            sender.send(roles.servers[j], plan.encode())
+                          "plan_ids_per_s": keys.ids / plan_time if plan_time else 0.0}
+    send_eval_plans(sender, roles, eval_server_plans(cfg, data, rows, last))
     for j in range(cfg.cluster.servers):
         sender.send(roles.servers[j], ServerPlan.stop(j, cfg.cluster.trainers).encode())
     sender.close()
@@ -159,6 +177,15 @@ class MetricsCollector:
         what = f"oracle: {what} from {self.roles.describe(src)}"
         wait(posted(what, dist.irecv, buf, src, group=self.groups.metrics), what)
         return wire.decode(layout, buf)
+
+    def _recv_evaluation(self, after_iteration: int) -> dict:
+        """Every trainer's scores and labels of its slices of the eval batches."""
+        scores, labels = [], []
+        for r in self.roles.trainers:
+            what = f"oracle: results of the evaluation after iteration {after_iteration} from {self.roles.describe(r)}"
+            for out in (scores, labels):
+                out.append(recv_bytes(r, self.groups.metrics, what).view(np.float64))
+        return score_metrics(np.concatenate(labels), np.concatenate(scores))
 
     def run(self) -> None:
         try:
@@ -212,23 +239,22 @@ class MetricsCollector:
                                 f"(lower --lr) or the data holds non-finite values")
             for name in totals:
                 totals[name] += record.get(name, 0)
+            if cfg.evaluates_after(i):
+                evaluation = self._recv_evaluation(i)
+                record.update(as_record_fields(evaluation))
             self.writer.log(record)
             if cfg.checkpoint.after(i, n - 1):
                 self.committer.commit(i + 1)
             faults.maybe_kill("oracle", 0, i)
 
-        eval_scores, eval_labels = [], []
-        for r in roles.trainers:
-            for out in (eval_scores, eval_labels):
-                out.append(recv_bytes(r, self.groups.metrics, f"oracle: eval results from {roles.describe(r)}")
-                           .view(np.float64))
+        if n == self.start or not cfg.evaluates_after(n - 1):
+            evaluation = self._recv_evaluation(n - 1)
         finals = [self._recv(r, wire.FINAL_TRAINER_FIELDS, "final report") for r in roles.trainers]
         server_finals = [self._recv(r, wire.FINAL_SERVER_FIELDS, "final digest") for r in roles.servers]
         left = sum(s["rows_checked_out"] for s in server_finals)
         if left:
             raise PeerError(f"oracle: {left} rows are still checked out to trainer caches at the end of the run")
         rows_digest = sum(s["rows_digest"] for s in server_finals) % (1 << 64)
-        scores, labels = np.concatenate(eval_scores), np.concatenate(eval_labels)
         self.summary = {
             "status": "complete",
             "mode": str(cfg.cluster.mode),
@@ -242,10 +268,7 @@ class MetricsCollector:
             "train_seconds": elapsed,
             "wait_share": wait_time / elapsed if elapsed else 0.0,
             "final_loss": loss,
-            "auc": auc(labels, scores) if labels.size else float("nan"),
-            "logloss": logloss(labels, scores) if labels.size else float("nan"),
-            "eval_examples": int(labels.size),
-            "eval_ctr": float(labels.mean()) if labels.size else float("nan"),
+            **as_summary_fields(evaluation),
             "digest": final_digest(finals[0]["dense_digest"], rows_digest),
             "peak_rss_kb": {"oracle": peak_rss_kb(), "servers": [s["peak_rss_kb"] for s in server_finals],
                             "trainers": [f["peak_rss_kb"] for f in finals]},

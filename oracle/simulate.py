@@ -62,15 +62,16 @@ def load_keys(data: str, batch_size: int, iters: int | None) -> tuple[list[np.nd
     (all parts but the last when there are >= 2), plus total rows and cardinalities."""
     from bagpipe.datasets.format import list_parts, read_meta
     from bagpipe.datasets.reader import BatchReader
+    from bagpipe.embedding import planner_keys
     from bagpipe.rows import RowSpace
 
     meta = read_meta(data)
     parts = list_parts(data)
     if len(parts) >= 2:
         parts = parts[:-1]
-    space = RowSpace(tuple(int(c) for c in meta.cardinalities), 1, 0)
+    space = RowSpace(tuple(int(c) for c in meta.cardinalities), 1, 0, tuple(meta.feature_tables))
     reader = BatchReader(parts, batch_size, columns="sparse", max_batches=iters)
-    keys = [np.ascontiguousarray(space.keys_of(b.sparse)) for b in reader]
+    keys = [planner_keys(b, space) for b in reader]
     return keys, space.total_rows, list(meta.cardinalities)
 
 
@@ -132,7 +133,7 @@ def run_plans(cfg: PlannerConfig, batches: Sequence[np.ndarray]) -> Summary:
     """Plan every batch and sum the plans' stats (planning time measured alone)."""
     T = cfg.trainers
     summ = Summary(T, cfg.servers, cfg.lookahead, cfg.prefetch_distance, cfg.cache_rows, cfg.total_rows)
-    summ.keys_per_batch = int(batches[0].size) if len(batches) else 0
+    summ.keys_per_batch = int(getattr(batches[0], "keys", batches[0]).size) if len(batches) else 0
     peak = np.zeros(T, dtype=np.int64)
     occ_sum = np.zeros(T, dtype=np.float64)
     f_t = np.zeros(T, dtype=np.int64)

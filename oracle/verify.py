@@ -37,6 +37,7 @@ from bagpipe.placement import Placement
 from bagpipe.plan import IterationPlan
 
 from .lrpp import PlannerConfig
+from .window import trainer_keys
 
 
 def _fail(where: str, msg: str) -> None:
@@ -104,15 +105,15 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
     def reads_of(i: int) -> list[np.ndarray] | None:
         while state["next"] <= i and not state["exhausted"]:
             try:
-                b = np.asarray(next(batch_it))
+                b = next(batch_it)
             except StopIteration:
                 state["exhausted"] = True
                 break
             j = state["next"]
-            if b.ndim != 2 or b.shape[0] % T:
-                _fail(f"batch {j}", f"shape {b.shape} is not [B, tables] with B divisible by {T}")
-            per = b.shape[0] // T
-            loaded[j] = [np.unique(b[k * per:(k + 1) * per].astype(np.int64)) for k in range(T)]
+            try:
+                loaded[j] = [np.unique(keys) for keys in trainer_keys(b, T)]
+            except ValueError as err:
+                _fail(f"batch {j}", str(err))
             state["next"] = j + 1
         return loaded.get(i)
 
@@ -218,13 +219,13 @@ def verify_plans(cfg: PlannerConfig, batches: Iterable[np.ndarray], plans: Itera
             if s >= 0:
                 changed[np.unique(np.concatenate(cur))] = True
             changed[np.concatenate(wb_keys_all)] = False
-            checkpoint = cfg.is_checkpoint(s) and not is_last
+            checkpoint = cfg.flushes_at(s) and not is_last
             for k, tp in enumerate(tps):
                 w = f"{where}, trainer {k}, checkpoint flush"
                 keys = _ints(w, "flush_keys", tp.flush_keys)
                 slots = _ints(w, "flush_slots", tp.flush_slots)
                 if keys.size and not checkpoint:
-                    _fail(w, f"{keys.size} rows flushed at a stage that is not a checkpoint")
+                    _fail(w, f"{keys.size} rows flushed at a stage that is neither a checkpoint nor an evaluation")
                 if keys.size != slots.size or np.unique(keys).size != keys.size:
                     _fail(w, "flush keys and slots differ in number, or a row is flushed twice")
                 if keys.size == 0:

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from bagpipe.embedding import ExampleKeys
 from bagpipe.hashing import splitmix64
 
 NO_USE = np.iinfo(np.int32).max  # "no next use known within the window"
@@ -66,8 +67,25 @@ class WindowEntry:
         return int(sum(p.size for p in self.read_pos))
 
 
+def trainer_keys(batch, trainers: int) -> list[np.ndarray]:
+    """Each trainer's row keys (with repeats) of one global batch, given either as an int
+    [B, features] key array (one-hot data: trainer k has the k-th block of B/T rows) or,
+    for multi-hot data, as `ExampleKeys`."""
+    if isinstance(batch, ExampleKeys):
+        return batch.per_trainer(trainers)
+    arr = np.asarray(batch)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"expected an int64 [B, features] key array, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] % trainers:
+        raise ValueError(f"global batch of {arr.shape[0]} examples does not split over {trainers} trainers "
+                         f"(B % T must be 0)")
+    per = arr.shape[0] // trainers
+    return [arr[k * per:(k + 1) * per].astype(np.int64, copy=False).ravel() for k in range(trainers)]
+
+
 class LookaheadWindow:
-    """Streams global batches ([B, tables] int64 keys) into per-iteration entries.
+    """Streams global batches (an int64 [B, features] key array, or `ExampleKeys` for
+    multi-hot data) into per-iteration entries.
 
     ``ensure(i)`` pulls batches lazily until iteration i is loaded (False when the
     stream ends first); ``release(i)`` forgets entries below i. After the stream is
@@ -118,7 +136,17 @@ class LookaheadWindow:
         """True if `iteration` is the final iteration of the stream."""
         return not self.ensure(iteration + 1) and self._next == iteration + 1
 
-    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+    def _check_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """(flat keys, trainer bounds into them), range-checked."""
+        if isinstance(batch, ExampleKeys):
+            try:
+                parts = trainer_keys(batch, self.trainers)
+            except ValueError as err:
+                raise ValueError(f"batch {self._next}: {err}") from None
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            bounds = np.cumsum([0] + [p.size for p in parts])
+            self._check_range(flat)
+            return flat, bounds
         arr = np.asarray(batch)
         if arr.ndim != 2:
             raise ValueError(f"batch {self._next}: expected an int64 [B, tables] key array, got shape {arr.shape}")
@@ -133,17 +161,21 @@ class LookaheadWindow:
                 )
         elif arr.shape != self._batch_shape:
             raise ValueError(f"batch {self._next}: shape {arr.shape} differs from the first batch's {self._batch_shape}")
-        if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
+        flat = np.ascontiguousarray(arr, dtype=np.int64).ravel()
+        self._check_range(flat)
+        per = flat.size // self.trainers  # trainer k's ids are the k-th block of rows
+        return flat, per * np.arange(self.trainers + 1)
+
+    def _check_range(self, flat: np.ndarray) -> None:
+        if flat.size:
+            lo, hi = int(flat.min()), int(flat.max())
             if lo < 0 or hi >= self.total_rows:
                 raise ValueError(f"batch {self._next}: key out of range [0, {self.total_rows}): min {lo}, max {hi}")
-        return np.ascontiguousarray(arr, dtype=np.int64)
 
-    def _push(self, batch: np.ndarray) -> None:
-        arr = self._check_batch(batch)
+    def _push(self, batch) -> None:
+        flat, bounds = self._check_batch(batch)
         j = self._next
         T = self.trainers
-        flat = arr.ravel()
         if self.total_rows <= np.iinfo(np.int32).max:  # (keys checked in range above)
             flat = flat.astype(np.int32)  # sorts ~1.5x faster
         keys = sorted_unique(flat).astype(np.int64)
@@ -151,13 +183,12 @@ class LookaheadWindow:
         # inverse indices through a dense scratch array (no argsort)
         self._scratch[keys] = np.arange(n, dtype=np.int32)
         inv = self._scratch[flat]
-        per = flat.size // T
         readers = np.zeros(n, dtype=np.int16)
         masks = []
         read_pos = []
         for k in range(T):
             m = np.zeros(n, dtype=bool)
-            m[inv[k * per : (k + 1) * per]] = True
+            m[inv[bounds[k]:bounds[k + 1]]] = True
             masks.append(m)
             read_pos.append(np.flatnonzero(m))
             readers += m

@@ -127,7 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
 
 def test_smoothing_differences_and_ne():
     from bagpipe.compare import centred_mean, relative_difference, trailing_mean
-    from bagpipe.rundir import normalized_entropy
+    from bagpipe.metrics import normalized_entropy
 
     np.testing.assert_allclose(trailing_mean(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
     np.testing.assert_allclose(trailing_mean(np.arange(5.0), 1), np.arange(5.0))

@@ -162,7 +162,7 @@ def test_check_compatible_messages(dataset):
     check_compatible(meta, 13, TABLES, "train data")
     with pytest.raises(DatasetError, match=r"train data: .*13 dense features, the model expects 12"):
         check_compatible(meta, 12, TABLES, "train data")
-    with pytest.raises(DatasetError, match=r"4 sparse features \(tables\), the model expects 3"):
+    with pytest.raises(DatasetError, match=r"4 tables, the model expects 3"):
         check_compatible(meta, 13, TABLES[:3], "x")
     with pytest.raises(DatasetError, match=r"C2: dataset 7, model 8"):
         check_compatible(meta, 13, [100, 8, 1, 3000], "x")

@@ -70,8 +70,8 @@ def test_bad_configuration_is_one_clear_error(tiny_data, tmp_path, capsys):
 
     assert main(["train", *train_args(tiny_data, str(tmp_path / "x"), "--trainers", "7")]) == 2
     assert "not divisible by --trainers 7" in capsys.readouterr().err
-    assert main(["train", *train_args(tiny_data, str(tmp_path / "x"), iters=10_000)]) == 2
-    assert "--iters 10000" in capsys.readouterr().err
+    assert main(["train", *train_args(tiny_data, str(tmp_path / "x"), "--epochs", "2")]) == 2
+    assert "give --iters or --epochs, not both" in capsys.readouterr().err
     assert main(["train", *train_args(str(tmp_path / "nowhere"), str(tmp_path / "x"))]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x" / "summary.json")
@@ -97,11 +97,3 @@ def test_default_data_is_generated_by_one_rank_and_awaited_by_the_others(tmp_pat
         ensure_default_data(str(target), wait_s=0.3)
     threading.Timer(0.3, lambda: target.mkdir()).start()
     assert ensure_default_data(str(target), wait_s=10) == str(target)
-
-
-def test_eval_every_is_refused_outside_local_mode():
-    from bagpipe.config import ClusterConfig, ConfigError, ModelConfig, RunConfig
-
-    with pytest.raises(ConfigError, match="--eval-every works in local mode only"):
-        RunConfig(model=ModelConfig(cardinalities=(10,)), cluster=ClusterConfig(mode="bagpipe", trainers=2),
-                  eval_every=5)

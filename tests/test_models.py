@@ -165,7 +165,7 @@ def test_same_seed_identical_across_processes():
     cfg = small_cfg("dcn")
     code = (
         "import hashlib, torch\n"
-        "from bagpipe.config import ModelConfig\n"
+        "from bagpipe.config import ModelConfig, TableConfig\n"
         "from bagpipe.models import build_model\n"
         f"m = build_model(ModelConfig(**{cfg.__dict__!r}), seed=11)\n"
         "h = hashlib.sha256()\n"

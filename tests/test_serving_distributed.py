@@ -197,7 +197,7 @@ def test_a_checkpoint_scores_what_evaluation_computes(serve, tiny_data, tmp_path
         sparse = np.stack([b.ids for b in request.bags])  # [tables, b], one id per item
         sk = slice_keys(space.keys_of(sparse))
         with torch.no_grad():
-            want = forward_logits(reference, torch.from_numpy(request.dense), working[sk.keys], sk.inverse).numpy()
+            want = forward_logits(reference, torch.from_numpy(request.dense), working[sk.keys], sk).numpy()
         got, _ = client.score(request.to_arrow(), timeout_s=30)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     client.close()

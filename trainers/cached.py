@@ -85,7 +85,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
                 if len(plan.recv_pos[o]):
                     working_set[torch.from_numpy(plan.recv_pos[o])] = received[o]
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
-                                working_set, sk.inverse, cfg.data.batch_size)
+                                working_set, sk, cfg.data.batch_size)
         with clock.phase("exchange"):
             rt.start_dense_reduction(result)
             contrib_out = [result.row_grads[torch.from_numpy(plan.recv_pos[o])] for o in range(T)]
@@ -125,11 +125,12 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
         if k == 0:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
         rt.report(record)
+        rt.evaluate_during_training(i)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     land_through(1 << 62)
     if cache.occupancy:
         raise PeerError(f"{rt.desc}: {cache.occupancy} rows still cached after the final write-back stage")
-    rt.evaluate_over_servers(first_stage=rt.data.num_train_batches)
+    rt.evaluate_final()
     rt.finish()

@@ -11,8 +11,8 @@ import torch
 
 from bagpipe.config import RunConfig
 from bagpipe.digest import dense_digest
-from bagpipe.embedding import slice_keys
-from bagpipe.metrics import auc, logloss
+from bagpipe.embedding import batch_keys
+from bagpipe.metrics import score_metrics
 from bagpipe.models import build_model
 from bagpipe.optim import build_dense_optimizer, set_lr
 from bagpipe.rows import RowSpace
@@ -46,21 +46,20 @@ class DenseState:
         return dense_digest(self.model, self.optimizer if with_optimizer_state else None)
 
 
-def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup) -> dict[str, float]:
-    """AUC, logloss and the labels' positive rate (for NE) over eval batches;
-    `lookup(keys) -> [u, row_dim]` reads rows."""
+def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup, poolings=(), trainers: int = 1) -> dict:
+    """bagpipe.metrics.score_metrics over eval batches; `lookup(keys) -> [u, row_dim]`
+    reads rows. Each batch is scored in `trainers` contiguous slices, as distributed
+    trainers score it, so the figures are the same bits in every mode."""
     labels, logits = [], []
     with torch.no_grad():
         for batch in batches:
-            sk = slice_keys(rows.keys_of(batch.sparse))
-            out = forward_logits(model, torch.from_numpy(batch.dense), lookup(sk.keys), sk.inverse)
-            labels.append(batch.labels)
-            logits.append(out.numpy())
+            for part in (batch.slice(k, trainers) for k in range(trainers)) if trainers > 1 else (batch,):
+                sk = batch_keys(part, rows, poolings)
+                logits.append(forward_logits(model, torch.from_numpy(part.dense), lookup(sk.keys), sk).numpy())
+                labels.append(part.labels)
     if not labels:
-        return {"auc": float("nan"), "logloss": float("nan"), "eval_examples": 0, "ctr": float("nan")}
-    y, z = np.concatenate(labels), np.concatenate(logits)
-    return {"auc": auc(y, z), "logloss": logloss(y, z), "eval_examples": int(y.size),
-            "ctr": float(np.mean(y, dtype=np.float64))}
+        return score_metrics(np.zeros(0), np.zeros(0))
+    return score_metrics(np.concatenate(labels), np.concatenate(logits))
 
 
 class IterationClock:

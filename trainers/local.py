@@ -18,8 +18,8 @@ from bagpipe.checkpoint import (BackgroundWriter, Checkpoint, CheckpointError, C
                                 load_rows, name_for)
 from bagpipe.config import RunConfig
 from bagpipe.digest import final_digest, iteration_digest, stored_rows_digest
-from bagpipe.embedding import slice_keys, sum_contributions, union_of
-from bagpipe.metrics import peak_rss_kb
+from bagpipe.embedding import batch_keys, sum_contributions, union_of
+from bagpipe.metrics import as_record_fields, as_summary_fields, peak_rss_kb
 from bagpipe.optim import SparseOptimizer
 from bagpipe.placement import Placement
 from bagpipe.rows import RowSpace
@@ -62,7 +62,7 @@ class FullTables:
 def train_local(cfg: RunConfig, data: RunData, writer, resume: Checkpoint | None = None) -> dict:
     """Train from the start, or from a checkpoint (`resume`); checkpoints as configured."""
     torch.manual_seed(cfg.seed)
-    rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
+    rows = RowSpace.for_model(cfg.model, cfg.seed)
     opt = cfg.optimizer
     tables = FullTables(rows, SparseOptimizer.from_config(opt, rows.row_dim), resume)
     dense = DenseState.build(cfg)
@@ -87,7 +87,7 @@ def train_local(cfg: RunConfig, data: RunData, writer, resume: Checkpoint | None
 
 def _train_loop(cfg: RunConfig, data: RunData, writer, tables: FullTables, dense: DenseState, start: int,
                 parts: BackgroundWriter, committer: Committer, root: str) -> dict:
-    rows, opt = tables.rows, cfg.optimizer
+    rows, opt, poolings = tables.rows, cfg.optimizer, cfg.model.feature_poolings
     trainers, batch_size = cfg.cluster.trainers, cfg.data.batch_size
     per_trainer = batch_size // trainers
     eval_result: dict = {}
@@ -102,15 +102,14 @@ def _train_loop(cfg: RunConfig, data: RunData, writer, tables: FullTables, dense
             batch = next(batches, None)
             if batch is None:
                 break
-            keys_bt = rows.keys_of(batch.sparse)
-            slices = [slice_keys(keys_bt[k * per_trainer:(k + 1) * per_trainer]) for k in range(trainers)]
+            slices = [batch_keys(batch.slice(k, trainers), rows, poolings) for k in range(trainers)]
         i = batch.index
         with clock.phase("compute"):
             results = []
             for k, sk in enumerate(slices):
                 part = slice(k * per_trainer, (k + 1) * per_trainer)
                 results.append(slice_step(dense.model, torch.from_numpy(batch.dense[part]),
-                                          torch.from_numpy(batch.labels[part]), tables.read(sk.keys), sk.inverse,
+                                          torch.from_numpy(batch.labels[part]), tables.read(sk.keys), sk,
                                           batch_size))
         with clock.phase("update"):
             loss = ordered_sum([r.loss for r in results])
@@ -137,10 +136,10 @@ def _train_loop(cfg: RunConfig, data: RunData, writer, tables: FullTables, dense
         timing = clock.lap()
         record.update(timing)
         elapsed, iters = timing["elapsed"], iters + 1
-        if cfg.eval_every and (i + 1) % cfg.eval_every == 0:
+        if cfg.evaluates_after(i):
             with clock.excluded():
-                eval_result = evaluate(dense.model, rows, data.eval_batches(), tables.read)
-            record.update({f"eval_{k}": v for k, v in eval_result.items()})
+                eval_result = evaluate(dense.model, rows, data.eval_batches(), tables.read, poolings, trainers)
+            record.update(as_record_fields(eval_result))
         writer.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -148,9 +147,9 @@ def _train_loop(cfg: RunConfig, data: RunData, writer, tables: FullTables, dense
     parts.close()
     committer.close()
 
-    last_iter_evaluated = bool(cfg.eval_every) and iters and iters % cfg.eval_every == 0
+    last_iter_evaluated = iters > start and cfg.evaluates_after(iters - 1)
     if not last_iter_evaluated:
-        eval_result = evaluate(dense.model, rows, data.eval_batches(), tables.read)
+        eval_result = evaluate(dense.model, rows, data.eval_batches(), tables.read, poolings, trainers)
     return {
         "mode": "local",
         "trainers": trainers,
@@ -159,10 +158,7 @@ def _train_loop(cfg: RunConfig, data: RunData, writer, tables: FullTables, dense
         "samples_per_s": (iters - start) * batch_size / elapsed if elapsed else 0.0,
         "train_seconds": elapsed,
         "final_loss": loss.item(),
-        "auc": eval_result.get("auc"),
-        "logloss": eval_result.get("logloss"),
-        "eval_examples": eval_result.get("eval_examples"),
-        "eval_ctr": eval_result.get("ctr"),
+        **as_summary_fields(eval_result),
         "digest": final_digest(dense.digest(with_optimizer_state=True), tables.digest()),
         "rows_fetched": 0,
         "bytes_moved": 0,

@@ -38,7 +38,7 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
         fetched_bytes = pending.bytes
         with clock.phase("compute"):
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
-                                working_set, sk.inverse, cfg.data.batch_size)
+                                working_set, sk, cfg.data.batch_size)
         with clock.phase("exchange"):
             # gradients go to the servers first, so they apply them while the dense
             # gradients are reduced
@@ -54,10 +54,11 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
         if rt.k == 0:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
         rt.report(record)
+        rt.evaluate_during_training(i)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         current, i = upcoming, i + 1
     bar.close()
     channel.wait_answers(pending)  # the last stage answers nothing, but its frames must arrive
-    rt.evaluate_over_servers(first_stage=rt.data.num_train_batches)
+    rt.evaluate_final()
     rt.finish()

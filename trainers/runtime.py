@@ -1,6 +1,6 @@
 """What every distributed trainer does regardless of mode: read its own slices,
 receive plans, talk to servers in stages, reduce dense gradients in rank order,
-report to the oracle, and evaluate over the servers' tables at the end."""
+report to the oracle, and evaluate over the servers' tables (during training and at the end)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from tqdm import tqdm
 from bagpipe import faults, wire
 from bagpipe.checkpoint import BackgroundWriter, Checkpoint, dense_arrays, load_dense, name_for
 from bagpipe.config import RunConfig
-from bagpipe.embedding import SliceKeys, slice_keys
+from bagpipe.embedding import SliceKeys, batch_keys
 from bagpipe.errors import PeerError
 from bagpipe.metrics import peak_rss_kb
 from bagpipe.optim import SparseOptimizer
 from bagpipe.placement import Placement
-from bagpipe.plan import PlanMessage
+from bagpipe.plan import PlanMessage, eval_stage
 from bagpipe.protocol import FrameLayout, TrainerChannel
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
@@ -38,7 +38,8 @@ class TrainerRuntime:
         self.me = roles.trainers[index]
         self.desc = roles.describe(self.me)
         self.T = cfg.cluster.trainers
-        self.rows = RowSpace(cfg.model.cardinalities, cfg.model.row_dim, cfg.seed)
+        self.rows = RowSpace.for_model(cfg.model, cfg.seed)
+        self.poolings = cfg.model.feature_poolings
         self.d = self.rows.row_dim
         self.optimizer = SparseOptimizer.from_config(cfg.optimizer, self.d)
         self.dense = DenseState.build(cfg)
@@ -87,7 +88,7 @@ class TrainerRuntime:
             if part is None:
                 return None
             faults.maybe_kill("trainer", self.k, part.index)
-            return part, slice_keys(self.rows.keys_of(part.sparse))
+            return part, batch_keys(part, self.rows, self.poolings)
 
     def progress(self, mode: str):
         return tqdm(total=self.data.num_train_batches, initial=self.start, desc=str(mode), unit="it",
@@ -127,26 +128,36 @@ class TrainerRuntime:
         if len(self._pending_metrics) > 64:
             wait(self._pending_metrics.pop(0)[0], f"{self.desc}: metrics to oracle")
 
-    def evaluate_over_servers(self, first_stage: int) -> None:
-        """Read-only stages after training: every trainer scores its slice of each eval
-        batch with rows fetched from the servers, and sends logits and labels to the oracle."""
+    def evaluate_over_servers(self, after_iteration: int) -> None:
+        """The read-only stages of the evaluation after `after_iteration`: every trainer
+        scores its slice of each eval batch with rows fetched from the servers (which
+        hold every update through that iteration) and sends scores and labels to the oracle."""
         logits, labels = [], []
-        stage = first_stage
         with torch.no_grad():
-            for part in self.data.eval_batches(slice_of=(self.k, self.T)):
-                sk = slice_keys(self.rows.keys_of(part.sparse))
+            for j, part in enumerate(self.data.eval_batches(slice_of=(self.k, self.T))):
+                stage = eval_stage(after_iteration, j)
+                sk = batch_keys(part, self.rows, self.poolings)
                 self.channel.send_stage(stage, sk.keys)
                 values, _ = self.channel.wait_answers(self.channel.post_answers(stage, sk.keys, with_state=False))
-                out = forward_logits(self.dense.model, torch.from_numpy(part.dense), values, sk.inverse)
+                out = forward_logits(self.dense.model, torch.from_numpy(part.dense), values, sk)
                 logits.append(out.numpy().astype(np.float64))
                 labels.append(part.labels.astype(np.float64))
-                stage += 1
         scores = np.concatenate(logits) if logits else np.zeros(0)
         truth = np.concatenate(labels) if labels else np.zeros(0)
         self._flush_sends()
         for arr in (scores, truth):
             for work, *_ in send_bytes(arr, self.roles.oracle, self.groups.metrics):
                 wait(work, f"{self.desc}: eval results to oracle")
+
+    def evaluate_during_training(self, iteration: int) -> None:
+        """--eval-every: evaluate after `iteration` unless it is the last (the final
+        evaluation follows it anyway); the training clock stops meanwhile."""
+        if self.cfg.evaluates_after(iteration) and iteration != self.data.num_train_batches - 1:
+            with self.clock.excluded():
+                self.evaluate_over_servers(iteration)
+
+    def evaluate_final(self) -> None:
+        self.evaluate_over_servers(self.data.num_train_batches - 1)
 
     def finish(self) -> None:
         self.writer.close()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bagpipe import faults
+from bagpipe.embedding import SliceKeys, lookup
 
 
 @dataclass
@@ -27,8 +28,8 @@ def flat_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def forward_logits(model: torch.nn.Module, dense: torch.Tensor, working_set: torch.Tensor, inverse: torch.Tensor):
-    return model(dense, F.embedding(inverse, working_set))
+def forward_logits(model: torch.nn.Module, dense: torch.Tensor, working_set: torch.Tensor, sk: SliceKeys):
+    return model(dense, lookup(working_set, sk))
 
 
 def slice_step(
@@ -36,12 +37,12 @@ def slice_step(
     dense: torch.Tensor,
     labels: torch.Tensor,
     working_set: torch.Tensor,
-    inverse: torch.Tensor,
+    sk: SliceKeys,
     global_batch: int,
 ) -> SliceResult:
     """Forward/backward of one slice; loss scaled by 1/B so contributions sum."""
     w = working_set.detach().requires_grad_(True)
-    logits = forward_logits(model, dense, w, inverse)
+    logits = forward_logits(model, dense, w, sk)
     scale = labels.numel() if faults.active("loss_over_slice") else global_batch
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / scale
     params = flat_params(model)

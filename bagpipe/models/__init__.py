@@ -1,8 +1,8 @@
 """Dense recommendation models whose embedding storage lives outside them.
 
-Every model is ``forward(dense[b, num_dense], emb[b, num_tables, row_dim]) -> logits[b]``,
+Every model is ``forward(dense[b, num_dense], emb[b, num_features, row_dim]) -> logits[b]``,
 so one model runs unchanged over a full table, a fetched working set or a cache.
-``emb[:, t, :]`` is the stored row of table t for each example; for wide_deep and
+``emb[:, f, :]`` is the (pooled) row of sparse feature f for each example; for wide_deep and
 deepfm its last column is that id's first-order weight (see ``ModelConfig.row_dim``).
 
 Models own only dense parameters (no ``nn.Embedding``) and contain nothing

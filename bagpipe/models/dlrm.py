@@ -28,7 +28,7 @@ class DLRM(nn.Module):
     def __init__(self, cfg: ModelConfig, gen: torch.Generator) -> None:
         super().__init__()
         self.num_dense = cfg.num_dense
-        self.num_tables = cfg.num_tables
+        self.num_features = cfg.num_features
         self.row_dim = cfg.row_dim
         dim = cfg.embedding_dim
 
@@ -41,7 +41,7 @@ class DLRM(nn.Module):
                     f"but embedding_dim is {dim}; set bottom_mlp to end in {dim}"
                 )
 
-        n_vec = cfg.num_tables + (1 if self.bottom is not None else 0)
+        n_vec = cfg.num_features + (1 if self.bottom is not None else 0)
         rows, cols = torch.triu_indices(n_vec, n_vec, offset=1)
         # Derived from the shape alone: a buffer (moves with .to(device)) that is
         # neither a parameter nor part of the state_dict.
@@ -57,7 +57,7 @@ class DLRM(nn.Module):
         self.out = make_linear(self.top.out_dim, 1, gen)
 
     def forward(self, dense: Tensor, emb: Tensor) -> Tensor:
-        check_inputs(dense, emb, self.num_dense, self.num_tables, self.row_dim)
+        check_inputs(dense, emb, self.num_dense, self.num_features, self.row_dim)
         if self.bottom is not None:
             x = self.bottom(dense)
             vecs = torch.cat([x.unsqueeze(1), emb], dim=1)

@@ -56,12 +56,12 @@ class MLP(nn.Sequential):
         self.out_dim = dim
 
 
-def check_inputs(dense: Tensor, emb: Tensor, num_dense: int, num_tables: int, row_dim: int) -> None:
+def check_inputs(dense: Tensor, emb: Tensor, num_dense: int, num_features: int, row_dim: int) -> None:
     """Fail with a readable message rather than a shape error deep inside a matmul:
     the emb tensor is assembled by the caller from whatever storage is in use."""
     if dense.dim() != 2 or dense.shape[1] != num_dense:
         raise ValueError(f"dense must be [batch, {num_dense}], got {list(dense.shape)}")
-    if emb.dim() != 3 or emb.shape[1] != num_tables or emb.shape[2] != row_dim:
-        raise ValueError(f"emb must be [batch, {num_tables}, {row_dim}], got {list(emb.shape)}")
+    if emb.dim() != 3 or emb.shape[1] != num_features or emb.shape[2] != row_dim:
+        raise ValueError(f"emb must be [batch, {num_features}, {row_dim}], got {list(emb.shape)}")
     if dense.shape[0] != emb.shape[0]:
         raise ValueError(f"batch mismatch: dense has {dense.shape[0]} rows, emb {emb.shape[0]}")

@@ -18,10 +18,10 @@ class WideDeep(nn.Module):
     def __init__(self, cfg: ModelConfig, gen: torch.Generator) -> None:
         super().__init__()
         self.num_dense = cfg.num_dense
-        self.num_tables = cfg.num_tables
+        self.num_features = cfg.num_features
         self.row_dim = cfg.row_dim
         self.dim = cfg.embedding_dim
-        deep_in = cfg.num_dense + cfg.num_tables * cfg.embedding_dim
+        deep_in = cfg.num_dense + cfg.num_features * cfg.embedding_dim
         if deep_in == 0:
             raise ConfigError(f"{cfg.name}: no dense features and no tables")
         # No dense features -> no dense linear term; the deep output bias then
@@ -31,7 +31,7 @@ class WideDeep(nn.Module):
         self.out = make_linear(self.deep.out_dim, 1, gen)
 
     def forward(self, dense: Tensor, emb: Tensor) -> Tensor:
-        check_inputs(dense, emb, self.num_dense, self.num_tables, self.row_dim)
+        check_inputs(dense, emb, self.num_dense, self.num_features, self.row_dim)
         vecs = emb[:, :, : self.dim]
         wide = emb[:, :, self.dim].sum(dim=1)
         if self.wide_dense is not None:
