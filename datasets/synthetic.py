@@ -15,13 +15,28 @@ What a generated dataset looks like
   ``1..n-1`` by a fixed random permutation of the table (seeded). A table of
   cardinality 1 holds only the missing id. Memory: about 20 bytes per table row
   (CDF, permutation, guide), ~700 MB at full Criteo size.
+- **Multi-hot** (``multi_hot``: a mean bag size per table, or ``"mlperf"``, the sizes of
+  MLPerf's multi-hot DLRM-DCNv2 setup `MLPERF_BAG_SIZES`): every feature is a bag of ids
+  (list<int64>, ``meta.multi_hot`` = all features). Table t's bag length per example is
+  ``round(mean_t)`` (at least 1, ``bag_lengths="fixed"``) or ``Poisson(mean_t)`` (empty bags
+  occur, ``"poisson"``); every id of a bag is drawn as a one-hot id is (missing id 0 with
+  the table's missing probability, else Zipf). ``distinct_in_bag`` redraws the repeats
+  inside a bag (vectorised rejection, `DISTINCT_ROUNDS` rounds; a bag still repeating
+  after that drops its repeats, so on tiny or very hot tables a bag can come out
+  shorter; lengths are capped at the cardinality). Chunks then hold about `CHUNK_IDS`
+  ids instead of `CHUNK_ROWS` rows, so memory stays bounded whatever the bag sizes.
+- **Tables.** ``tables="kaggle"`` (the default) or ``"criteo-terabyte"`` (the MLPerf DLRM
+  reference's 26 Criteo Terabyte sizes, days 0-23, capped at 40M:
+  `CRITEO_TERABYTE_TABLES`), both scaled by ``table_scale``; or explicit cardinalities.
+  One table per feature, pooled by ``pooling`` (sum or mean) in the metadata.
 - **Dense.** Raw feature j is a count: ``floor(exp(mu_j + sigma_j * N)) - 1`` with an
   extra point mass at 0 and a missing probability, all drawn per feature from the
   seed; I2 (j = 1) is occasionally -1..-3 as in Criteo. Parquet holds Criteo's
   canonical preprocessing ``log(x + 1)`` (float32) with missing and negative -> 0,
   bit-identical to what `criteo.prepare_criteo` makes of the raw value.
 - **Label.** ``logit = bias + sum_t effect_t(id_t) + sum_j w_j * dense_j +
-  sum_{(a, b) in pairs} c * g_a(id_a) * g_b(id_b)`` where the per-id effects come
+  sum_{(a, b) in pairs} c * g_a(id_a) * g_b(id_b)`` (multi-hot: each term is the mean of
+  the per-id values over the bag, 0 for an empty bag) where the per-id effects come
   from a counter-based hash (`bagpipe.hashing.splitmix64`) of (seed, table, id) —
   pure functions of the id, precomputed into arrays only for tables of up to 2^20
   rows — and four fixed table pairs interact. ``bias`` is calibrated by bisection on a
@@ -30,7 +45,8 @@ What a generated dataset looks like
   ``Bernoulli(sigmoid(logit))``. The AUC of the true logits against the sampled
   labels ("true model AUC", an upper bound for any learned model) is computed
   exactly (rank based, `bagpipe.metrics.auc`) on the first
-  ``min(total rows, TRUE_AUC_ROWS)`` generated rows and stored in the metadata
+  ``min(total rows, TRUE_AUC_ROWS)`` generated rows (multi-hot: at most `AUC_CHUNKS`
+  chunks, so the sample stays within memory) and stored in the metadata
   with the generator's options. Effect sizes (per-table
   scale U(0.08, 0.36), pair strength 0.3, dense weights) put it at about 0.79-0.84
   depending on the seed, near what the best published models reach on Criteo.
@@ -51,7 +67,7 @@ integer counts, 26 categoricals as 8 lowercase hex digits, empty when missing),
 files ``day_<i>.txt`` (the last is the eval split) plus ``synthetic.json``. The hex
 value of (table, id) is a bijective 32-bit mix of ``id + salt_t``, so distinct ids
 of a table never collide and `prepare_criteo` in vocabulary mode recovers the
-co-occurrence structure exactly.
+co-occurrence structure exactly. It is one-hot only (a multi-hot request is refused).
 """
 
 from __future__ import annotations
@@ -71,7 +87,8 @@ from bagpipe.hashing import splitmix64
 from bagpipe.metrics import auc
 
 from .criteo import preprocess_dense
-from .format import DatasetError, DatasetMeta, default_feature_names
+from .format import POOLINGS, DatasetError, DatasetMeta, TableMeta, default_feature_names
+from .jagged import Bags
 from .text import ordered_map, progress_bar
 from .writer import DEFAULT_COMPRESSION, DEFAULT_ROW_GROUP_SIZE, DatasetWriter, check_output_path
 from .zipf import ZipfSampler
@@ -80,11 +97,24 @@ CRITEO_KAGGLE_TABLES: tuple[int, ...] = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
 )
+# The MLPerf DLRM reference's Criteo Terabyte table sizes (days 0-23, ids capped at 40M).
+CRITEO_TERABYTE_TABLES: tuple[int, ...] = (
+    39884406, 39043, 17289, 7420, 20263, 3, 7120, 1543, 63, 38532951, 2953546, 403346, 10,
+    2208, 11938, 155, 4, 976, 14, 39979771, 25641295, 39664984, 585935, 12972, 108, 36,
+)
+TABLE_PRESETS = {"kaggle": CRITEO_KAGGLE_TABLES, "criteo-terabyte": CRITEO_TERABYTE_TABLES}
+# Mean bag sizes per table of MLPerf's multi-hot DLRM-DCNv2 benchmark (Criteo multi-hot).
+MLPERF_BAG_SIZES: tuple[int, ...] = (3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1)
+BAG_LENGTHS = ("fixed", "poisson")
 NUM_DENSE = 13
 CLICK_RATE = 0.256
 DEFAULT_ZIPF = 1.05
 DEFAULT_ROWS_PER_PART = 1_000_000
 CHUNK_ROWS = 131072
+CHUNK_IDS = CHUNK_ROWS * 26  # multi-hot chunks hold about this many ids (a one-hot chunk's worth)
+MIN_CHUNK_ROWS = 1024
+AUC_CHUNKS = 4  # the true-AUC sample's chunks at most (kept for writing): bounds its memory
+DISTINCT_ROUNDS = 64
 CALIBRATION_ROWS = 65536
 TRUE_AUC_ROWS = 524288
 MAX_MISSING_PROB = 0.4
@@ -161,6 +191,73 @@ def scaled_tables(table_scale: float, base: Sequence[int] = CRITEO_KAGGLE_TABLES
     return [max(int(round(n * table_scale)), min(n, 4)) for n in base]
 
 
+def table_cardinalities(tables: Sequence[int] | str | None, table_scale: float) -> tuple[list[int], str | None]:
+    """(cardinalities, preset name or None): a preset ("kaggle", the default, or
+    "criteo-terabyte") scaled by `table_scale`, or explicit cardinalities (scale 1.0)."""
+    if tables is None or isinstance(tables, str):
+        name = tables or "kaggle"
+        if name not in TABLE_PRESETS:
+            raise DatasetError(f"tables must be one of {', '.join(TABLE_PRESETS)} or a list of cardinalities, "
+                               f"got {name!r}")
+        return scaled_tables(table_scale, TABLE_PRESETS[name]), name
+    if table_scale != 1.0:
+        raise DatasetError("give either explicit tables or a table_scale, not both")
+    cards = [int(n) for n in tables]
+    if not cards or any(n < 1 for n in cards):
+        raise DatasetError(f"every table cardinality must be >= 1, got {list(tables)}")
+    return cards, None
+
+
+def bag_sizes(spec: Sequence[float] | str, num_tables: int) -> list[float]:
+    """Mean bag size per table from ``"mlperf"``, a comma list ("3,2,1,...") or a sequence;
+    a single value applies to every table."""
+    if isinstance(spec, str):
+        if spec.strip().lower() == "mlperf":
+            values: list[float] = [float(v) for v in MLPERF_BAG_SIZES]
+        else:
+            try:
+                values = [float(v) for v in spec.split(",") if v.strip()]
+            except ValueError:
+                raise DatasetError(f"multi-hot sizes must be 'mlperf' or comma-separated numbers, "
+                                   f"got {spec!r}") from None
+    else:
+        values = [float(v) for v in spec]
+    if len(values) == 1:
+        values = values * num_tables
+    if len(values) != num_tables:
+        raise DatasetError(f"{len(values)} multi-hot bag sizes for {num_tables} tables; give one per table "
+                           f"(or one for all)")
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise DatasetError(f"every mean bag size must be a positive number, got {bad[0]}")
+    return values
+
+
+@dataclass(frozen=True)
+class BagSpec:
+    """How multi-hot bags are drawn: a mean size per table, fixed or Poisson lengths,
+    and whether ids repeat inside a bag."""
+
+    means: tuple[float, ...]
+    lengths: str = "poisson"
+    distinct: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lengths not in BAG_LENGTHS:
+            raise DatasetError(f"bag_lengths must be one of {', '.join(BAG_LENGTHS)}, got {self.lengths!r}")
+
+    def chunk_rows(self) -> int:
+        """Rows per chunk so that a chunk holds about `CHUNK_IDS` ids."""
+        per_row = sum(max(1, math.floor(m + 0.5)) if self.lengths == "fixed" else m for m in self.means)
+        return int(min(CHUNK_ROWS, max(MIN_CHUNK_ROWS, CHUNK_IDS // max(1, math.ceil(per_row)))))
+
+
+def _bag_means(values: np.ndarray, owner: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Mean of `values` (one per slot) over each bag; 0 for an empty bag."""
+    sums = np.bincount(owner, weights=values, minlength=len(lengths))
+    return sums / np.maximum(lengths, 1)
+
+
 @dataclass
 class SyntheticResult:
     out: str
@@ -174,26 +271,29 @@ class SyntheticResult:
     seconds: float
     meta: DatasetMeta | None = None
     info: dict = field(default_factory=dict)
+    ids_per_row: float | None = None  # multi-hot: mean ids per example over all features
 
     def summary(self) -> str:
         rate = (self.train_rows + self.eval_rows) / max(self.seconds, 1e-9)
         split = f" + {self.eval_rows} eval rows (last part)" if self.eval_rows else " (no eval part)"
+        bags = f", multi-hot: {self.ids_per_row:.1f} ids per row" if self.ids_per_row is not None else ""
         return (
             f"wrote {len(self.parts)} {self.format} parts to {self.out}: {self.train_rows} train rows"
             f"{split}, {len(self.cardinalities)} tables"
-            f" ({sum(self.cardinalities)} rows), click rate {self.click_rate:.4f},"
+            f" ({sum(self.cardinalities)} rows){bags}, click rate {self.click_rate:.4f},"
             f" true-model AUC {self.true_auc:.4f}, {self.seconds:.1f} s ({rate:,.0f} rows/s)"
         )
 
 
 @dataclass
 class _Chunk:
-    sparse: np.ndarray  # [T, n] int64
+    sparse: np.ndarray  # [T, n] int64 (multi-hot: zeros; the ids are in `bags`)
     dense_raw: np.ndarray  # [D, n] int64 raw counts
     dense_missing: np.ndarray  # [D, n] bool
     dense: np.ndarray  # [D, n] float32 preprocessed
     z: np.ndarray  # [n] float64 logit without bias
     u: np.ndarray  # [n] float64 uniforms for the labels
+    bags: dict[int, Bags] = field(default_factory=dict)  # multi-hot: every table's bags
 
     def labels(self, bias: float) -> np.ndarray:
         p = 1.0 / (1.0 + np.exp(-(bias + self.z)))
@@ -205,8 +305,11 @@ class _Model:
 
     LUT_MAX = 1 << 20  # tables up to this size keep their per-id effects in an array
 
-    def __init__(self, cardinalities: list[int], num_dense: int, zipf: float, seed: int) -> None:
+    def __init__(self, cardinalities: list[int], num_dense: int, zipf: float, seed: int,
+                 bags: BagSpec | None = None) -> None:
         self.cards = cardinalities
+        self.bags = bags
+        self.chunk_rows = bags.chunk_rows() if bags is not None else CHUNK_ROWS
         self.num_dense = num_dense
         self.zipf = zipf
         self.seed = seed
@@ -274,29 +377,100 @@ class _Model:
             return lut.take(ids)
         return 1.0 * hashed_normal(self.pair_key[t], ids)
 
+    def _ids(self, t: int, u: np.ndarray, out: np.ndarray) -> None:
+        """Ids of table t from uniforms u (consumed): the missing id 0 with the table's
+        missing probability, else a Zipf rank through the table's permutation."""
+        sampler = self.sampler[t]
+        if sampler is None:
+            out[:] = 0
+            return
+        p = self.missing_prob[t]
+        missing = u < p
+        # reuse the uniform: conditional on "present" it is U(p, 1)
+        u -= p
+        u *= 1.0 / (1.0 - p)
+        np.clip(u, 0.0, _BELOW_ONE, out=u)
+        out[:] = self.perm[t].take(sampler.ranks(u))
+        out[missing] = 0
+
+    def _bags(self, rng: np.random.Generator, t: int, n: int) -> tuple[Bags, np.ndarray]:
+        """Table t's bags over n examples, and the bag of every id (its owner)."""
+        assert self.bags is not None
+        mean = self.bags.means[t]
+        if self.bags.lengths == "fixed":
+            lengths = np.full(n, max(1, math.floor(mean + 0.5)), dtype=np.int64)
+        else:
+            lengths = rng.poisson(mean, n).astype(np.int64)
+        if self.bags.distinct:
+            np.minimum(lengths, self.cards[t], out=lengths)
+        owner = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        ids = np.empty(len(owner), dtype=np.int64)
+        self._ids(t, rng.random(len(owner)), ids)
+        if self.bags.distinct and self.cards[t] > 1 and len(ids):
+            ids, owner, lengths = self._without_repeats(rng, t, ids, owner, lengths)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Bags(ids, offsets), owner
+
+    def _without_repeats(self, rng, t: int, ids: np.ndarray, owner: np.ndarray, lengths: np.ndarray):
+        """Redraw every id that repeats inside its bag until it is new to the bag (for at
+        most `DISTINCT_ROUNDS` rounds; what still repeats is then dropped).
+
+        A slot is the pair key ``owner * cardinality + id``: one sort finds the repeats,
+        and each round checks only the redrawn slots against the sorted accepted keys."""
+        card = self.cards[t]
+        keys = owner * card + ids  # < chunk_rows * cardinality: checked to fit int64 up front
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        first = np.ones(len(keys), dtype=bool)
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+        accepted = sorted_keys[first]
+        pending = np.sort(order[~first])  # slots holding an id their bag already has
+        for _round in range(DISTINCT_ROUNDS):
+            if pending.size == 0:
+                return ids, owner, lengths
+            fresh = np.empty(len(pending), dtype=np.int64)
+            self._ids(t, rng.random(len(pending)), fresh)
+            fresh_keys = owner[pending] * card + fresh
+            pos = np.searchsorted(accepted, fresh_keys)
+            np.minimum(pos, len(accepted) - 1, out=pos)
+            new = np.flatnonzero(accepted[pos] != fresh_keys)
+            won_keys, first_new = np.unique(fresh_keys[new], return_index=True)  # one winner per key
+            won = new[first_new]
+            ids[pending[won]] = fresh[won]
+            accepted = np.insert(accepted, np.searchsorted(accepted, won_keys), won_keys)
+            still = np.ones(len(pending), dtype=bool)
+            still[won] = False
+            pending = pending[still]
+        if pending.size == 0:
+            return ids, owner, lengths
+        keep = np.ones(len(ids), dtype=bool)
+        keep[pending] = False
+        owner = owner[keep]
+        return ids[keep], owner, np.bincount(owner, minlength=len(lengths)).astype(np.int64)
+
     def chunk(self, entropy: Sequence[int], n: int) -> _Chunk:
         rng = np.random.default_rng(np.random.SeedSequence(list(entropy)))
         T, D = len(self.cards), self.num_dense
-        sparse = np.empty((T, n), dtype=np.int64)
+        # multi-hot: the writer ignores these rows (the ids are in `bags`)
+        sparse = np.empty((T, n), dtype=np.int64) if self.bags is None else np.zeros((T, n), dtype=np.int64)
         z = np.zeros(n, dtype=np.float64)
+        bags: dict[int, Bags] = {}
+        owners: dict[int, np.ndarray] = {}
         for t in range(T):
-            u = rng.random(n)
-            sampler = self.sampler[t]
-            row = sparse[t]
-            if sampler is None:
-                row[:] = 0
+            if self.bags is None:
+                self._ids(t, rng.random(n), sparse[t])
+                z += self.effect(t, sparse[t])
             else:
-                p = self.missing_prob[t]
-                missing = u < p
-                # reuse the uniform: conditional on "present" it is U(p, 1)
-                u -= p
-                u *= 1.0 / (1.0 - p)
-                np.clip(u, 0.0, _BELOW_ONE, out=u)
-                row[:] = self.perm[t].take(sampler.ranks(u))
-                row[missing] = 0
-            z += self.effect(t, row)
+                bags[t], owners[t] = self._bags(rng, t, n)
+                z += _bag_means(self.effect(t, bags[t].values), owners[t], bags[t].lengths())
         for a, b in self.pairs:
-            z += PAIR_STRENGTH * self.pair_effect(a, sparse[a]) * self.pair_effect(b, sparse[b])
+            if self.bags is None:
+                z += PAIR_STRENGTH * self.pair_effect(a, sparse[a]) * self.pair_effect(b, sparse[b])
+            else:
+                ga = _bag_means(self.pair_effect(a, bags[a].values), owners[a], bags[a].lengths())
+                gb = _bag_means(self.pair_effect(b, bags[b].values), owners[b], bags[b].lengths())
+                z += PAIR_STRENGTH * ga * gb
         dense_raw = np.empty((D, n), dtype=np.int64)
         dense_missing = np.empty((D, n), dtype=bool)
         for j in range(D):
@@ -319,13 +493,13 @@ class _Model:
         for j in range(D):
             z += self.d_weight[j] * dense[j]
         u_label = rng.random(n)
-        return _Chunk(sparse, dense_raw, dense_missing, dense, z, u_label)
+        return _Chunk(sparse, dense_raw, dense_missing, dense, z, u_label, bags)
 
     def calibrate(self, click_rate: float) -> float:
         parts = []
         left, k = CALIBRATION_ROWS, 0
         while left > 0:
-            n = min(CHUNK_ROWS, left)
+            n = min(self.chunk_rows, left)
             parts.append(self.chunk([self.seed, _TAG_CALIB, k], n).z)
             left -= n
             k += 1
@@ -430,7 +604,7 @@ def generate_synthetic(
     seed: int = 0,
     zipf: float = DEFAULT_ZIPF,
     table_scale: float = 1.0,
-    tables: Sequence[int] | None = None,
+    tables: Sequence[int] | str | None = None,
     num_dense: int = NUM_DENSE,
     eval_rows: int | None = None,
     rows_per_part: int = DEFAULT_ROWS_PER_PART,
@@ -441,11 +615,18 @@ def generate_synthetic(
     compression: str | None = DEFAULT_COMPRESSION,
     progress: bool | None = None,
     threads: int = 2,
+    multi_hot: Sequence[float] | str | None = None,
+    bag_lengths: str = "poisson",
+    distinct_in_bag: bool = False,
+    pooling: str = "sum",
 ) -> SyntheticResult:
     """Write a synthetic Criteo-like dataset to `out` (see the module docstring).
 
-    ``eval_rows`` defaults to ``rows // 10``; 0 writes no eval part. ``tables``
-    (explicit cardinalities) and a ``table_scale`` other than 1.0 are exclusive."""
+    ``eval_rows`` defaults to ``rows // 10``; 0 writes no eval part. ``tables`` is a
+    preset name ("kaggle", the default, or "criteo-terabyte", scaled by ``table_scale``)
+    or explicit cardinalities (then ``table_scale`` must stay 1.0). ``multi_hot`` (mean
+    bag sizes, one per table or one for all, or "mlperf") makes every feature a bag of
+    ids; without it the output is one-hot, byte for byte what it always was."""
     start = time.perf_counter()
     if format not in FORMATS:
         raise DatasetError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -461,14 +642,17 @@ def generate_synthetic(
         raise DatasetError(f"click_rate must be in (0, 1), got {click_rate}")
     if num_dense < 0:
         raise DatasetError(f"num_dense must be >= 0, got {num_dense}")
-    if tables is not None:
-        if table_scale != 1.0:
-            raise DatasetError("give either explicit tables or a table_scale, not both")
-        cards = [int(n) for n in tables]
-        if not cards or any(n < 1 for n in cards):
-            raise DatasetError(f"every table cardinality must be >= 1, got {list(tables)}")
-    else:
-        cards = scaled_tables(table_scale)
+    cards, preset = table_cardinalities(tables, table_scale)
+    if pooling not in POOLINGS:
+        raise DatasetError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    bags = None
+    if multi_hot is not None:
+        if format != "parquet":
+            raise DatasetError(f"format {format!r} is one-hot only; multi-hot output needs format 'parquet'")
+        bags = BagSpec(tuple(bag_sizes(multi_hot, len(cards))), bag_lengths, bool(distinct_in_bag))
+        if bags.distinct and bags.chunk_rows() * max(cards) >= 2**62:
+            raise DatasetError(f"distinct_in_bag supports tables below {2**62 // bags.chunk_rows()} rows, "
+                               f"got {max(cards)}")
     if eval_rows is None:
         eval_rows = rows // 10
     if eval_rows < 0:
@@ -476,20 +660,21 @@ def generate_synthetic(
     seed = int(seed)
     check_output_path(out, overwrite)  # fail before any work
 
-    model = _Model(cards, num_dense, float(zipf), seed)
+    model = _Model(cards, num_dense, float(zipf), seed, bags)
     bias = model.calibrate(click_rate)
 
     total = rows + eval_rows
-    n_chunks = -(-total // CHUNK_ROWS)
+    chunk_rows = model.chunk_rows
+    n_chunks = -(-total // chunk_rows)
 
     def chunk_len(c: int) -> int:
-        return min(CHUNK_ROWS, total - c * CHUNK_ROWS)
+        return min(chunk_rows, total - c * chunk_rows)
 
-    # True-model AUC on the first rows of the dataset itself; keep those chunks.
+    # True-model AUC on the first rows of the dataset itself; keep the first chunks.
     cached: dict[int, _Chunk] = {}
     auc_scores, auc_labels = [], []
-    auc_rows = min(total, TRUE_AUC_ROWS)
-    first = range(-(-auc_rows // CHUNK_ROWS))
+    auc_rows = min(total, TRUE_AUC_ROWS, AUC_CHUNKS * chunk_rows)
+    first = range(-(-auc_rows // chunk_rows))
     for c, ch in zip(first, ordered_map(lambda c: model.chunk([seed, c], chunk_len(c)), iter(first), threads)):
         cached[c] = ch
         auc_scores.append(ch.z)
@@ -513,7 +698,7 @@ def generate_synthetic(
         "rows": rows,
         "eval_rows": eval_rows,
         "rows_per_part": rows_per_part,
-        "chunk_rows": CHUNK_ROWS,
+        "chunk_rows": chunk_rows,
         "click_rate_target": click_rate,
         "bias": bias,
         "true_auc": true_auc,
@@ -524,12 +709,24 @@ def generate_synthetic(
         "dense": "log(x+1) of raw counts; missing and negative -> 0",
         "eval_split": "last part" if eval_rows else "none",
     }
+    # Keys only a non-default option adds, so one-hot Kaggle-preset output keeps its bytes.
+    if preset not in (None, "kaggle"):
+        info["table_preset"] = preset
+    if bags is not None:
+        info["multi_hot"] = {
+            "bag_sizes": list(bags.means),
+            "bag_lengths": bags.lengths,
+            "distinct_in_bag": bags.distinct,
+            "label": "per-id effects and interactions averaged over each bag (0 for an empty bag)",
+        }
     meta = DatasetMeta(
         dense_features=dense_names,
         sparse_features=sparse_names,
         cardinalities=cards,
         source="synthetic",
         preprocessing=info,
+        tables=[TableMeta(name, n, pooling, [name]) for name, n in zip(sparse_names, cards)],
+        multi_hot=list(sparse_names) if bags is not None else [],
     )
     if format == "parquet":
         names = [None] * n_parts
@@ -538,6 +735,7 @@ def generate_synthetic(
         names = [f"day_{i:0{width}d}.txt" for i in range(n_parts)]
 
     clicks = 0.0
+    ids_written = 0
     parts: list[str] = []
     with DatasetWriter(out, overwrite=overwrite, row_group_size=row_group_size, compression=compression) as w:
         bar = progress_bar(total, "synthetic", progress, unit="rows")
@@ -560,14 +758,16 @@ def generate_synthetic(
 
             for c, (ch, labels, tsv) in _chunks_in_order(model, seed, n_chunks, chunk_len, cached, threads, finish):
                 clicks += float(labels.sum())
-                base = c * CHUNK_ROWS
+                ids_written += sum(len(b.values) for b in ch.bags.values())
+                base = c * chunk_rows
                 n = len(labels)
                 lo = 0
                 while lo < n:
                     end_of_part = bounds[part_idx + 1] - base
                     hi = min(n, end_of_part)
                     if tsv is None:
-                        writer.write(labels[lo:hi], ch.dense[:, lo:hi].T, ch.sparse[:, lo:hi])
+                        writer.write(labels[lo:hi], ch.dense[:, lo:hi].T, ch.sparse[:, lo:hi],
+                                     {t: b.slice(lo, hi) for t, b in ch.bags.items()} or None)
                     else:
                         writer.write(tsv[0][int(tsv[1][lo]) : int(tsv[1][hi])])
                     lo = hi
@@ -595,4 +795,5 @@ def generate_synthetic(
         seconds=time.perf_counter() - start,
         meta=meta if format == "parquet" else None,
         info=info,
+        ids_per_row=ids_written / total if bags is not None else None,
     )

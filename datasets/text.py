@@ -91,6 +91,26 @@ class PrepareResult:
     meta: DatasetMeta | None = None
     info: dict = field(default_factory=dict)
 
+    @classmethod
+    def finished(cls, out: str, source: str, parts: list[str], part_rows: list[int], bad: "BadLines",
+                 cardinalities: list[int], start: float, meta: DatasetMeta, info: dict) -> "PrepareResult":
+        """What a conversion that began at `start` (`time.perf_counter`) wrote: `parts` are
+        file names inside `out`."""
+        out_abs = os.path.abspath(out)
+        return cls(
+            out=out_abs,
+            source=source,
+            parts=[os.path.join(out_abs, p) for p in parts],
+            part_rows=part_rows,
+            rows=sum(part_rows),
+            bad_lines=bad.count,
+            bad_examples=list(bad.examples),
+            cardinalities=cardinalities,
+            seconds=time.perf_counter() - start,
+            meta=meta,
+            info=info,
+        )
+
     def summary(self) -> str:
         lines = [
             f"wrote {len(self.parts)} parts ({self.rows:,} rows) to {self.out} in {self.seconds:.1f} s"
@@ -116,14 +136,21 @@ class BadLines:
 
     def report(self, path: str, block: "LineBlock", bad_local: np.ndarray, reason: Callable[[bytes], str]) -> None:
         """bad_local: sorted local line indices of the block's bad lines."""
-        if bad_local.size == 0:
+        def message(k: int) -> str:
+            i = int(bad_local[k])
+            return f"{path}:{block.first_line + i}: {reason(block.line(i))}"
+
+        self.report_each(int(bad_local.size), message)
+
+    def report_each(self, count: int, message: Callable[[int], str]) -> None:
+        """`count` bad lines in line order, the k-th described by ``message(k)`` (called
+        only for the lines a report shows)."""
+        if count == 0:
             return
         if self.policy == "error":
-            i = int(bad_local[0])
-            raise DatasetError(f"{path}:{block.first_line + i}: {reason(block.line(i))}")
-        self.count += int(bad_local.size)
-        for i in bad_local[: max(0, MAX_EXAMPLES - len(self.examples))]:
-            self.examples.append(f"{path}:{block.first_line + int(i)}: {reason(block.line(int(i)))}")
+            raise DatasetError(message(0))
+        self.examples += [message(k) for k in range(min(count, max(0, MAX_EXAMPLES - len(self.examples))))]
+        self.count += count
 
 
 # --------------------------------------------------------------------------- line blocks
@@ -152,8 +179,7 @@ class LineBlock:
     def words(self) -> np.ndarray:
         """The block as little-endian uint64 words, zero padded (for `load_words`)."""
         if self._words is None:
-            pad = (-len(self.data)) % 8 + 16
-            self._words = np.frombuffer(self.data + bytes(pad), dtype="<u8")
+            self._words = padded_words(self.data)
         return self._words
 
     @property
@@ -199,6 +225,13 @@ class LineBlock:
         ``[starts[k], ends[k])``, both [nfields, G]."""
         good, bounds = self.split(sep, nfields)
         return good, bounds[:nfields] + 1, bounds[1:]
+
+
+def padded_words(data: bytes) -> np.ndarray:
+    """Bytes as little-endian uint64 words, zero padded so `load_words` may read 16
+    bytes past any offset."""
+    pad = (-len(data)) % 8 + 16
+    return np.frombuffer(bytes(data) + bytes(pad), dtype="<u8")
 
 
 def iter_raw_blocks(path: str, block_bytes: int = DEFAULT_BLOCK_BYTES, *, start_offset: int = 0,
@@ -452,8 +485,13 @@ def binary_labels(block: "LineBlock", fstart: np.ndarray, fend: np.ndarray) -> t
 
 def hash_fields(block: "LineBlock", fstart: np.ndarray, fend: np.ndarray) -> np.ndarray:
     """64-bit keys of byte-string fields (splitmix64 chain over 8-byte words and the length)."""
+    return hash_spans(block.words, fstart, fend)
+
+
+def hash_spans(words: np.ndarray, fstart: np.ndarray, fend: np.ndarray) -> np.ndarray:
+    """`hash_fields` over any `padded_words` buffer (int64 byte offsets; stable across
+    runs and machines: a pure function of the bytes)."""
     width = fend - fstart
-    words = block.words
     h = width.view(np.uint64) * _GOLDEN64
     first = load_words(words, fstart)
     first &= _BYTE_MASK.take(np.minimum(width, 8))
@@ -840,17 +878,4 @@ def convert_text(
                                                               if bad.count else ""))
     finally:
         bar.close()
-    out_abs = os.path.abspath(out)
-    return PrepareResult(
-        out=out_abs,
-        source=fmt.source,
-        parts=[os.path.join(out_abs, p) for p in parts],
-        part_rows=part_rows,
-        rows=sum(part_rows),
-        bad_lines=bad.count,
-        bad_examples=list(bad.examples),
-        cardinalities=cards,
-        seconds=time.perf_counter() - start,
-        meta=meta,
-        info=info,
-    )
+    return PrepareResult.finished(out, fmt.source, parts, part_rows, bad, cards, start, meta, info)
