@@ -1,7 +1,9 @@
 """Dataset statistics, streamed over every part.
 
 `dataset_stats(path)` reports rows, click rate, dense means and, per table, the
-cardinality, distinct ids seen, the share of the missing id 0, and the share of
+cardinality, distinct ids seen, the share of its ids that are the missing id 0, the
+mean number of ids per example (above 1 for multi-hot features, and summed over every
+feature that reads the table), the share of empty bags, and the share of
 accesses that go to the hottest 1% of the table's rows (the top
 ``ceil(1% * cardinality)`` ids by access count). "overall" pools the access
 counts of every row of every table and takes the hottest ``ceil(1% * sum of
@@ -18,6 +20,7 @@ import os
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .format import DatasetError, list_parts, read_meta
@@ -65,6 +68,10 @@ def dataset_stats(path: str, *, hot_fraction: float = HOT_FRACTION) -> dict[str,
     meta = read_meta(path)
     cards = list(meta.cardinalities)
     T, D = meta.num_tables, meta.num_dense
+    table_of = meta.feature_tables
+    ids_seen = np.zeros(T, dtype=np.int64)
+    empty_bags = np.zeros(T, dtype=np.int64)
+    bags_seen = np.zeros(T, dtype=np.int64)
     counts = [np.zeros(n, dtype=np.int64) for n in cards]
     buffers: list[list[np.ndarray]] = [[] for _ in range(T)]
     buffered = [0] * T
@@ -93,15 +100,24 @@ def dataset_stats(path: str, *, hot_fraction: float = HOT_FRACTION) -> dict[str,
             clicks += float(np.sum(table.column("label").to_numpy(), dtype=np.float64))
             for j, name in enumerate(meta.dense_features):
                 dense_sum[j] += float(np.sum(table.column(name).to_numpy(), dtype=np.float64))
-            for t, name in enumerate(meta.sparse_features):
-                ids = table.column(name).to_numpy()
-                if n and (ids.min() < 0 or ids.max() >= cards[t]):
+            for f, name in enumerate(meta.sparse_features):
+                t = table_of[f]
+                column = table.column(name).combine_chunks()
+                if pa.types.is_list(column.type):
+                    ids = column.flatten().to_numpy()
+                    empty_bags[t] += int(np.count_nonzero(column.value_lengths().to_numpy(zero_copy_only=False) == 0))
+                else:
+                    ids = column.to_numpy()
+                bags_seen[t] += n
+                if ids.size and (ids.min() < 0 or ids.max() >= cards[t]):
                     bad = ids[(ids < 0) | (ids >= cards[t])][0]
                     raise DatasetError(
-                        f"{part}: column {name!r} has id {int(bad)} outside [0, {cards[t]}) (row group {rg})"
+                        f"{part}: column {name!r} has id {int(bad)} outside [0, {cards[t]}) of table "
+                        f"{meta.tables[t].name!r} (row group {rg})"
                     )
                 buffers[t].append(ids)
-                buffered[t] += n
+                buffered[t] += ids.size
+                ids_seen[t] += ids.size
                 if buffered[t] >= max(_FLUSH_IDS, cards[t] // 4):
                     flush(t)
         rows += n_part
@@ -114,10 +130,14 @@ def dataset_stats(path: str, *, hot_fraction: float = HOT_FRACTION) -> dict[str,
         histograms.append(np.bincount(c))
         tables.append(
             {
-                "name": meta.sparse_features[t],
+                "name": meta.tables[t].name,
+                "features": list(meta.tables[t].features),
+                "pooling": meta.tables[t].pooling,
                 "cardinality": cards[t],
                 "distinct": int(np.count_nonzero(c)),
-                "missing_share": float(c[0]) / rows if rows else float("nan"),
+                "missing_share": float(c[0]) / ids_seen[t] if ids_seen[t] else float("nan"),
+                "ids_per_example": float(ids_seen[t]) / rows if rows else float("nan"),
+                "empty_share": float(empty_bags[t]) / bags_seen[t] if bags_seen[t] else float("nan"),
                 "hot_share": hot_share(c, hot_fraction),
             }
         )
@@ -133,6 +153,8 @@ def dataset_stats(path: str, *, hot_fraction: float = HOT_FRACTION) -> dict[str,
         "num_dense": D,
         "num_tables": T,
         "total_cardinality": int(sum(cards)),
+        "ids_per_example": float(ids_seen.sum()) / rows if rows else float("nan"),
+        "multi_hot": list(meta.multi_hot),
         "hot_fraction": hot_fraction,
         "hot_share_overall": overall,
         "dense_means": {name: (dense_sum[j] / rows if rows else float("nan")) for j, name in
@@ -149,18 +171,22 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"dataset    {stats['path']}  (source: {stats['source']})",
         f"parts      {stats['parts']}  rows {stats['rows']:,}  (eval part: {stats['eval_rows']:,} rows)",
         f"clicks     {stats['click_rate']:.4f}",
-        f"tables     {stats['num_tables']}  total rows {stats['total_cardinality']:,}",
+        f"tables     {stats['num_tables']}  total rows {stats['total_cardinality']:,}  "
+        f"ids per example {stats['ids_per_example']:.1f}" + ("  (multi-hot)" if stats["multi_hot"] else ""),
         f"hottest {pct} of all table rows take {stats['hot_share_overall'] * 100:.1f}% of accesses",
     ]
     pre = stats.get("preprocessing") or {}
     if "true_auc" in pre:
         lines.append(f"generator  zipf {pre.get('zipf')}  seed {pre.get('seed')}  true-model AUC {pre['true_auc']:.4f}")
     lines.append("")
-    lines.append(f"{'table':<8}{'cardinality':>14}{'distinct':>12}{'missing':>10}{'hot ' + pct:>10}")
+    lines.append(f"{'table':<8}{'cardinality':>14}{'distinct':>12}{'missing':>10}{'hot ' + pct:>10}"
+                 f"{'ids/ex':>9}{'empty':>8}  pooling")
     for t in stats["tables"]:
         lines.append(
             f"{t['name']:<8}{t['cardinality']:>14,}{t['distinct']:>12,}"
             f"{t['missing_share'] * 100:>9.1f}%{t['hot_share'] * 100:>9.1f}%"
+            f"{t['ids_per_example']:>9.2f}{t['empty_share'] * 100:>7.1f}%  {t['pooling']}"
+            + (f" (features {', '.join(t['features'])})" if t["features"] != [t["name"]] else "")
         )
     if stats["dense_means"]:
         lines.append("")

@@ -138,6 +138,23 @@ def test_a_trainers_working_set_is_every_id_of_its_slice(multihot_data):
             assert np.array_equal(np.unique(planned[k]), batch_keys(batch.slice(k, 3), rows).keys)
 
 
+def test_stats_count_every_id_of_every_bag(multihot_data):
+    from bagpipe.datasets.reader import BatchReader, split_parts
+    from bagpipe.datasets.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(multihot_data)
+    by_name = {t["name"]: t for t in stats["tables"]}
+    train, evals = split_parts(multihot_data)
+    batches = list(BatchReader(train + evals, 240))  # every row: 3 parts of 240
+    a = np.concatenate([b.bags[0].lengths() for b in batches])
+    assert by_name["shared"]["ids_per_example"] == pytest.approx(a.mean() + 1)  # feature a's bags + feature b
+    assert by_name["shared"]["features"] == ["a", "b"]
+    c = np.concatenate([b.bags[2].lengths() for b in batches])
+    assert by_name["means"]["empty_share"] == pytest.approx(np.mean(c == 0)) and by_name["means"]["pooling"] == "mean"
+    assert by_name["plain"]["ids_per_example"] == 1.0 and by_name["plain"]["empty_share"] == 0.0
+    assert "features a, b" in format_stats(stats)
+
+
 # --- the three modes agree ----------------------------------------------------------
 
 OPTIMIZER_ARGS = {"sgd": [], "adagrad": ["--initial-accumulator", "0.01"], "rowwise_adagrad": []}
