@@ -48,6 +48,7 @@ def eval_stage(after_iteration: int, batch: int) -> int:
     return _EVAL_STAGE_BASE + after_iteration * _EVAL_BATCHES_MAX + batch
 _PLAN_MAGIC = 0x504C_414E  # "PLAN"
 _SERVER_MAGIC = 0x5352_5650  # "SRVP"
+_EVAL_MAGIC = 0x4556_414C  # "EVAL"
 
 
 class PlanFormatError(ValueError):
@@ -152,8 +153,7 @@ class ServerPlan:
 
 
 def server_plans(stage: int, placement: Placement, writeback_keys: list[np.ndarray], fetch_keys: list[np.ndarray],
-                 grad_keys: list[np.ndarray] | None = None, read_only: bool = False,
-                 flush_keys: list[np.ndarray] | None = None) -> list[ServerPlan]:
+                 grad_keys: list[np.ndarray] | None = None, flush_keys: list[np.ndarray] | None = None) -> list[ServerPlan]:
     """Each server's message counts at `stage`, from every trainer's key lists."""
     S, T = placement.servers, len(fetch_keys)
 
@@ -165,7 +165,60 @@ def server_plans(stage: int, placement: Placement, writeback_keys: list[np.ndarr
         return out
 
     wb, fe, gr, fl = per_server(writeback_keys), per_server(fetch_keys), per_server(grad_keys), per_server(flush_keys)
-    return [ServerPlan(stage, j, gr[j].copy(), wb[j].copy(), fe[j].copy(), read_only, fl[j].copy()) for j in range(S)]
+    return [ServerPlan(stage, j, gr[j].copy(), wb[j].copy(), fe[j].copy(), flush_counts=fl[j].copy()) for j in range(S)]
+
+
+@dataclass
+class EvalPlan:
+    """Server j's part of one evaluation: its read-only stages, one per eval batch, in
+    one message, so an evaluation of any length is one message of the oracle's bounded
+    plan stream (as many messages as eval batches could fill the stream while the
+    trainers still wait for the plan held behind them)."""
+
+    after_iteration: int
+    server: int
+    fetch_counts: np.ndarray  # int [batches, T]: rows each trainer fetches per eval batch
+
+    def stages(self) -> list[ServerPlan]:
+        zeros = np.zeros(self.fetch_counts.shape[1], dtype=np.int64)
+        return [ServerPlan(eval_stage(self.after_iteration, b), self.server, zeros, zeros, counts.astype(np.int64),
+                           read_only=True) for b, counts in enumerate(self.fetch_counts)]
+
+    def encode(self) -> np.ndarray:
+        batches, trainers = self.fetch_counts.shape
+        header = np.array([_EVAL_MAGIC, self.after_iteration, self.server, batches, trainers], dtype=np.int64)
+        return np.concatenate([header.view(np.uint8), self.fetch_counts.astype(np.int64).ravel().view(np.uint8)])
+
+    @classmethod
+    def decode(cls, buf: np.ndarray) -> "EvalPlan":
+        reader = _Reader(buf, "evaluation plan")
+        reader.expect_magic(_EVAL_MAGIC)
+        after, server, batches, trainers = (int(x) for x in reader.take(np.int64, 4))
+        counts = reader.take(np.int64, batches * trainers).reshape(batches, trainers).copy()
+        reader.done()
+        return cls(after, server, counts)
+
+
+def eval_plans(after_iteration: int, placement: Placement, trainers: int, reads_per_batch) -> list[EvalPlan]:
+    """Every server's `EvalPlan` from each eval batch's per-trainer read keys (an
+    iterable, consumed batch by batch: only the counts are kept)."""
+    S = placement.servers
+    counts = []
+    for reads in reads_per_batch:
+        c = np.zeros((S, trainers), dtype=np.int64)
+        for t, keys in enumerate(reads):
+            c[:, t] = placement.counts(keys)
+        counts.append(c)
+    table = np.stack(counts, axis=1) if counts else np.zeros((S, 0, trainers), dtype=np.int64)
+    return [EvalPlan(after_iteration, j, table[j]) for j in range(S)]
+
+
+def decode_server_message(buf: np.ndarray) -> ServerPlan | EvalPlan:
+    """A server's plan-stream message: one training stage (or stop), or an evaluation."""
+    buf = np.asarray(buf, dtype=np.uint8)
+    if buf.size >= 8 and int(buf[:8].view(np.int64)[0]) == _EVAL_MAGIC:
+        return EvalPlan.decode(buf)
+    return ServerPlan.decode(buf)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from bagpipe.errors import PeerError
 from bagpipe.metrics import peak_rss_kb
 from bagpipe.optim import SparseOptimizer
 from bagpipe.placement import Placement
-from bagpipe.plan import ServerPlan
+from bagpipe.plan import EvalPlan, ServerPlan, decode_server_message
 from bagpipe.protocol import Answer, FrameLayout, ServerChannel, StageMessage
 from bagpipe.rows import RowSpace
 from bagpipe.transport import Groups, Roles, StreamReceiver, posted, ready, wait
@@ -189,20 +189,27 @@ def run_server(cfg: RunConfig, roles: Roles, groups: Groups, index: int, resume:
     plans = StreamReceiver(roles.oracle, groups.plan, f"{desc}: plan from oracle")
     pending_metrics: list = []
     ready(desc)
+    def work(plan: ServerPlan) -> tuple[StageReport, int, int]:
+        messages, bytes_in = channel.receive_stage(plan.stage, [plan.counts(k) for k in range(len(roles.trainers))])
+        answers, report = server.apply(plan, messages)
+        writer.check()  # a failed checkpoint write fails the job here, naming this server
+        return report, bytes_in, sum(channel.send_answer(plan.stage, k, answer) for k, answer in enumerate(answers))
+
     while True:
-        plan = ServerPlan.decode(plans.next())
+        plan = decode_server_message(plans.next())
+        if isinstance(plan, EvalPlan):  # read-only stages between two training stages
+            for stage in plan.stages():
+                work(stage)
+            continue
         if plan.is_stop:
             break
         s = plan.stage
         faults.maybe_kill("server", index, s)
-        messages, bytes_in = channel.receive_stage(s, [plan.counts(k) for k in range(len(roles.trainers))])
-        answers, report = server.apply(plan, messages)
-        writer.check()  # a failed checkpoint write fails the job here, naming this server
-        bytes_out = sum(channel.send_answer(s, k, answer) for k, answer in enumerate(answers))
+        report, bytes_in, bytes_out = work(plan)
         if plan.checkpoint:  # the shard now holds every update through this stage
             writer.submit(os.path.join(root, name_for(plan.checkpoint)), f"server-{index:04d}",
                           arrays=shard.snapshot())
-        if s >= first_iteration and not plan.read_only:  # (the bootstrap stage has no iteration to report)
+        if s >= first_iteration:  # (the bootstrap stage has no iteration to report)
             msg = wire.encode(wire.SERVER_FIELDS, {"stage": s, "rows_digest": report.rows_digest, "lr": report.lr,
                                                    "bytes_in": bytes_in, "bytes_out": bytes_out})
             to_oracle = f"{desc}: stage {s} report to {roles.describe(roles.oracle)}"

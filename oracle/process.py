@@ -29,7 +29,7 @@ from bagpipe.errors import PeerError
 from bagpipe.metrics import as_record_fields, as_summary_fields, peak_rss_kb, score_metrics
 from bagpipe.oracle.window import trainer_keys
 from bagpipe.placement import Placement
-from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, eval_stage, server_plans
+from bagpipe.plan import EMPTY_I64, PlanMessage, PlanStats, ServerPlan, eval_plans
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
 from bagpipe.rundir import RunWriter
@@ -73,21 +73,18 @@ def make_planner(cfg: RunConfig, data: RunData, rows: RowSpace, start: int = 0):
     return plan_lrpp(pcfg, batches), batches
 
 
-def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, after_iteration: int):
-    """The read-only stages of the evaluation after `after_iteration`: per eval batch,
-    how many rows each trainer fetches from each server."""
+def eval_server_plans(cfg: RunConfig, data: RunData, rows: RowSpace, after_iteration: int) -> list:
+    """The evaluation after `after_iteration`, one message per server: per eval batch, how
+    many rows each trainer fetches from it."""
     T = cfg.cluster.trainers
-    placement = Placement(cfg.cluster.servers)
-    empty = [EMPTY_I64] * T
-    for j, batch in enumerate(data.eval_batches(columns="sparse")):
-        reads = [np.unique(keys) for keys in trainer_keys(planner_keys(batch, rows), T)]
-        yield server_plans(eval_stage(after_iteration, j), placement, empty, reads, read_only=True)
+    reads = ([np.unique(keys) for keys in trainer_keys(planner_keys(batch, rows), T)]
+             for batch in data.eval_batches(columns="sparse"))
+    return eval_plans(after_iteration, Placement(cfg.cluster.servers), T, reads)
 
 
-def send_eval_plans(sender: StreamSender, roles: Roles, plans) -> None:
-    for stage in plans:
-        for j, plan in enumerate(stage):
-            sender.send(roles.servers[j], plan.encode())
+def send_eval_plans(sender: StreamSender, roles: Roles, plans: list) -> None:
+    for j, plan in enumerate(plans):
+        sender.send(roles.servers[j], plan.encode())
 
 
 def run_oracle(cfg: RunConfig, roles: Roles, groups: Groups, data: RunData, start: int = 0,

@@ -291,3 +291,15 @@ def _torchrun_epochs(data: str, run_dir: str, mode: str, extra: list[str]) -> No
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+@pytest.mark.distributed
+def test_evaluations_longer_than_the_plan_stream_do_not_stall_it(tiny_data, tmp_path):
+    """40 eval batches per evaluation, more than the oracle's 32 plans in flight per
+    server: the evaluation travels as one message, so the plans the trainers wait for
+    are never stuck behind it."""
+    run = str(tmp_path / "long-eval")
+    run_torchrun(tiny_data, run, "bagpipe", 2, 1, "--eval-every", "3", "--eval-batches", "40", *SMALL,
+                 iters=6, batch=12, timeout=150)
+    evaluations = [r for r in _records(run) if "eval_auc" in r]
+    assert [r["iter"] for r in evaluations] == [2, 5] and _summary(run)["eval_examples"] == 40 * 12

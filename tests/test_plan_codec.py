@@ -55,6 +55,28 @@ def test_message_roundtrip(T):
                 np.testing.assert_array_equal(getattr(back, name), getattr(sp, name))
 
 
+def test_an_evaluation_is_one_message_per_server():
+    from bagpipe.placement import Placement
+    from bagpipe.plan import EvalPlan, decode_server_message, eval_plans, eval_stage
+
+    reads = [[np.array([0, 1, 2, 5]), np.array([3])], [np.array([], dtype=np.int64), np.arange(10)]]
+    plans = eval_plans(7, Placement(2), 2, iter(reads))
+    assert [p.fetch_counts.shape for p in plans] == [(2, 2), (2, 2)]
+    assert sum(p.fetch_counts for p in plans).tolist() == [[4, 1], [0, 10]]
+    for plan in plans:
+        back = decode_server_message(plan.encode())
+        assert isinstance(back, EvalPlan) and back.after_iteration == 7
+        np.testing.assert_array_equal(back.fetch_counts, plan.fetch_counts)
+        stages = back.stages()
+        assert [s.stage for s in stages] == [eval_stage(7, 0), eval_stage(7, 1)]
+        assert all(s.read_only and not s.grad_counts.any() for s in stages)
+    assert eval_stage(7, 0) != eval_stage(6, 1) and eval_stage(0, 0) > 10**12  # far from training stages
+    sp = next(iter(plan_none(2, 1, _batches(2)))).servers[0]
+    assert isinstance(decode_server_message(sp.encode()), ServerPlan)
+    with pytest.raises(PlanFormatError, match="trailing"):
+        EvalPlan.decode(np.concatenate([plans[0].encode(), np.zeros(8, np.uint8)]))
+
+
 def test_wide_keys_travel_as_int64():
     plan = next(iter(plan_none(1, 1, [np.array([[5], [3_000_000_000]])])))
     msg = PlanMessage.from_plan(plan.trainers[0], 1, 4_000_000_000)
