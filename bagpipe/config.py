@@ -223,6 +223,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mlperf-dcnv2": {"name": "dcn", "embedding_dim": 128, "bottom_mlp": (512, 256, 128), "cross_layers": 3,
                      "cross_rank": 512, "cross_input": "bottom", "deep_mlp": (1024, 1024, 512, 256)},
 }
+# ... and the optimizer it trains with unless flags say otherwise: the reference's Adagrad, at 0.001 (its
+# 0.005 is for batches of 65,536; at the small batches and tables of one machine it blows up the loss)
+PRESET_OPTIMIZERS: dict[str, dict[str, Any]] = {"mlperf-dcnv2": {"optimizer": "adagrad", "lr": 0.001}}
+DEFAULT_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 
 from bagpipe.config import (DENSE_OPTIMIZERS, LR_SCHEDULES, MODELS, MODES, OPTIMIZERS, CacheSize, ClusterConfig,
                             CheckpointConfig, ConfigError, DataConfig, LRSchedule, Mode, ModelConfig, OptimizerConfig,
-                            PRESETS, RunConfig, TableConfig)
+                            DEFAULT_OPTIMIZER, PRESET_OPTIMIZERS, PRESETS, RunConfig, TableConfig)
 from bagpipe.datasets.format import DatasetError, read_meta
 from bagpipe.datasets.reader import split_parts
 
@@ -58,9 +58,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=None, metavar="K",
                    help="evaluate every K iterations (and after training): AUC, logloss, NE in metrics.jsonl")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sparse (row) optimizer")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="sparse (row) optimizer (default: sgd, or the --preset's)")
     p.add_argument("--dense-optimizer", choices=DENSE_OPTIMIZERS, default=None, help="default: like --optimizer")
-    p.add_argument("--lr", type=float, default=0.1, help="learning rate of both optimizers unless overridden")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of both optimizers unless overridden (default: 0.1, or the --preset's)")
     p.add_argument("--sparse-lr", type=float, default=None)
     p.add_argument("--dense-lr", type=float, default=None)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
@@ -143,11 +145,13 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     tables = tuple(TableConfig(t.name, t.cardinality, tuple(t.features), t.pooling) for t in meta.tables)
     model = ModelConfig(num_dense=meta.num_dense, tables=tables, features=tuple(meta.sparse_features),
                         multi_hot=tuple(meta.multi_hot), **shape)
-    lr = args.lr
+    trained = {**DEFAULT_OPTIMIZER, **PRESET_OPTIMIZERS.get(args.preset, {})}
+    sparse_optimizer = args.optimizer or trained["optimizer"]
+    lr = args.lr if args.lr is not None else trained["lr"]
     optimizer = OptimizerConfig(
-        sparse=args.optimizer,
+        sparse=sparse_optimizer,
         sparse_lr=args.sparse_lr if args.sparse_lr is not None else lr,
-        dense=args.dense_optimizer or ("adagrad" if args.optimizer != "sgd" else "sgd"),
+        dense=args.dense_optimizer or ("adagrad" if sparse_optimizer != "sgd" else "sgd"),
         dense_lr=args.dense_lr if args.dense_lr is not None else lr,
         schedule=LRSchedule.resolve(args.lr_schedule, args.warmup_iters, args.decay_start, args.decay_iters),
         initial_accumulator=args.initial_accumulator,

@@ -245,6 +245,34 @@ def test_dcn_cross_layer_formula():
     torch.testing.assert_close(model(dense, emb), model.out(model.deep(x)).squeeze(1))
 
 
+def test_dcn_low_rank_cross_on_the_bottom_mlp_output():
+    """MLPerf's DCN-v2: x0 = [bottom(dense), embeddings], cross layers x0 * (U (V x) + b) + x."""
+    from dataclasses import replace
+
+    cfg = replace(small_cfg("dcn", num_dense=3, tables=2, dim=4), cross_rank=2, cross_input="bottom",
+                  bottom_mlp=(6, 5))
+    model = build_model(cfg, seed=0)
+    dense, emb = inputs(cfg, 5)
+    x0 = torch.cat([model.bottom(dense), emb.reshape(5, -1)], 1)
+    assert x0.shape == (5, 5 + 2 * 4)
+    x = x0
+    for layer in model.cross:
+        assert layer.down.shape == (2, 13) and layer.up.shape == (13, 2)
+        x = x0 * ((x @ layer.down.T) @ layer.up.T + layer.bias) + x
+    torch.testing.assert_close(model(dense, emb), model.out(model.deep(x)).squeeze(1))
+
+
+def test_the_mlperf_preset_builds_its_shape():
+    from bagpipe.config import PRESETS
+
+    cfg = ModelConfig(num_dense=13, cardinalities=(7,) * 26, **PRESETS["mlperf-dcnv2"])
+    model = build_model(cfg, seed=0)
+    assert [m.out_features for m in model.bottom.modules() if isinstance(m, torch.nn.Linear)] == [512, 256, 128]
+    assert len(model.cross) == 3 and model.cross[0].down.shape == (512, 128 + 26 * 128)
+    dense, emb = inputs(cfg, 2)
+    assert model(dense, emb).shape == (2,)
+
+
 def test_dlrm_default_size_forward_backward():
     cfg = ModelConfig(
         name="dlrm",

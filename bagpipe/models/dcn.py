@@ -63,8 +63,6 @@ class DCN(nn.Module):
         check_inputs(dense, emb, self.num_dense, self.num_features, self.row_dim)
         if self.bottom is not None:
             dense = self.bottom(dense)
-        if self.bottom is not None:
-            dense = self.bottom(dense)
         x0 = torch.cat([dense, emb.reshape(emb.shape[0], -1)], dim=1)
         x = x0
         for layer in self.cross:
