@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", default=None, help="default: the run's dataset")
     evaluate.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     evaluate.add_argument("--eval-batches", type=int, default=None, help="default: the run's")
+    evaluate.add_argument("--trainers", type=int, default=None,
+                          help="score each batch in this many slices, as that many trainers do (default: the "
+                               "checkpoint's run, 1 for an export): the run's own figures, bit for bit")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     bench = sub.add_parser("bench", help="benchmark local, none and bagpipe side by side (optionally over a shaped link)")
@@ -125,9 +128,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from bagpipe.evaluate import evaluate_saved
 
-    result = evaluate_saved(args.checkpoint, args.data, args.batch_size, args.eval_batches)
+    result = evaluate_saved(args.checkpoint, args.data, args.batch_size, args.eval_batches, args.trainers)
     print(f"{args.checkpoint}: {result['eval_examples']} examples, AUC {result['auc']:.6f}, "
-          f"logloss {result['logloss']:.6f}")
+          f"logloss {result['logloss']:.6f}, NE {result['ne']:.6f}")
     return 0
 
 
