@@ -291,3 +291,39 @@ def test_dlrm_default_size_forward_backward():
     assert emb.grad.shape == emb.shape
     assert all(p.grad is not None for p in model.parameters())
     assert model.top[0].in_features == 16 + 27 * 26 // 2
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_step_bits_do_not_depend_on_input_addresses(name):
+    """`local` views a trainer's slice inside the global batch, `none` reads rows out of a
+    frame, a distributed trainer gets fresh arrays: the same numbers at other addresses.
+    CPU kernels pick their reduction blocks by the pointer's alignment (Wide&Deep and
+    DeepFM gave other bits for a slice at byte offset 1560 on AMD EPYC), so the step must
+    see its inputs in torch-allocated memory. Mutant: `aligned` returning its input."""
+    import numpy as np
+
+    from bagpipe.embedding import slice_keys
+    from bagpipe.trainers.step import slice_step
+
+    cfg = ModelConfig(name=name, num_dense=13, cardinalities=(50, 200, 1000, 30, 5000), embedding_dim=8,
+                      bottom_mlp=(16, 8), top_mlp=(16,), deep_mlp=(16,))
+    model = build_model(cfg, 0)
+    rng = np.random.default_rng(0)
+    b = 30
+    offsets = np.cumsum((0,) + cfg.cardinalities[:-1])
+    sk = slice_keys(np.stack([rng.integers(0, c, b) + o for c, o in zip(cfg.cardinalities, offsets)], 1))
+    rows = torch.randn(len(sk.keys), cfg.row_dim)
+    results = []
+    for shift in range(0, 16, 3):  # floats before the slice in a larger buffer
+        dense = np.zeros((b * 2 + shift, 13), dtype=np.float32).ravel()[shift: shift + b * 13].reshape(b, 13)
+        dense[:] = np.linspace(-2, 2, b * 13, dtype=np.float32).reshape(b, 13)
+        labels = np.zeros(b + shift, dtype=np.float32)[shift:]
+        labels[::3] = 1.0
+        frame = torch.zeros(rows.numel() + shift)
+        working_set = frame[shift:].view_as(rows)
+        working_set.copy_(rows)
+        results.append(slice_step(model, torch.from_numpy(dense), torch.from_numpy(labels), working_set, sk, 2 * b))
+    for other in results[1:]:
+        assert torch.equal(other.loss, results[0].loss)
+        assert torch.equal(other.dense_grad, results[0].dense_grad)
+        assert torch.equal(other.row_grads, results[0].row_grads)

@@ -29,7 +29,17 @@ def flat_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def forward_logits(model: torch.nn.Module, dense: torch.Tensor, working_set: torch.Tensor, sk: SliceKeys):
-    return model(dense, lookup(working_set, sk))
+    return model(aligned(dense), lookup(aligned(working_set), sk))
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in torch-allocated (64-byte aligned) memory. CPU kernels split a reduction
+    into a peeled head and vector blocks by the data pointer's alignment, so the same
+    numbers at another address can sum to other bits: a slice viewed inside its batch
+    (local), a frame's payload (none) and a fresh array (a reader) must all look alike."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def slice_step(
@@ -41,10 +51,10 @@ def slice_step(
     global_batch: int,
 ) -> SliceResult:
     """Forward/backward of one slice; loss scaled by 1/B so contributions sum."""
-    w = working_set.detach().requires_grad_(True)
+    w = aligned(working_set.detach()).requires_grad_(True)
     logits = forward_logits(model, dense, w, sk)
     scale = labels.numel() if faults.active("loss_over_slice") else global_batch
-    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / scale
+    loss = F.binary_cross_entropy_with_logits(logits, aligned(labels), reduction="sum") / scale
     params = flat_params(model)
     for p in params:
         p.grad = None
