@@ -23,7 +23,7 @@ import torch.distributed as dist
 from bagpipe import faults, wire
 from bagpipe.checkpoint import Committer, name_for
 from bagpipe.config import Mode, RunConfig
-from bagpipe.digest import final_digest, iteration_digest
+from bagpipe.digest import dense_digest_reporter, final_digest, iteration_digest
 from bagpipe.embedding import ExampleKeys, planner_keys
 from bagpipe.errors import PeerError
 from bagpipe.metrics import as_record_fields, as_summary_fields, peak_rss_kb, score_metrics
@@ -206,7 +206,8 @@ class MetricsCollector:
                     raise PeerError(f"oracle: report of iteration {rep['iter']}, expected {i}")
             rows_digest = (sum(r["rows_digest"] for r in reports) + sum(s["rows_digest"] for s in servers)) % (1 << 64)
             loss = reports[0]["loss"]
-            record = {"iter": i, "loss": loss, "digest": iteration_digest(loss, reports[0]["dense_digest"], rows_digest)}
+            record = {"iter": i, "loss": loss, "digest": iteration_digest(
+                loss, reports[dense_digest_reporter(i, len(reports))]["dense_digest"], rows_digest)}
             # the rates in use: owners apply the sparse optimizer in bagpipe mode, servers in none mode
             sparse_rates = [r["lr_sparse"] for r in reports] + [s["lr"] for s in servers]
             record["lr_sparse"] = next((x for x in sparse_rates if not np.isnan(x)), None)

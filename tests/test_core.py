@@ -1,6 +1,7 @@
 """Row initialisation, digests, the working-set lookup and contribution order."""
 
 import numpy as np
+import pytest
 import torch
 
 from bagpipe.embedding import slice_keys, sum_contributions, union_of
@@ -70,3 +71,23 @@ def test_sum_contributions_starts_from_zero_in_rank_order():
 def test_ordered_sum_order_matters_for_floats():
     parts = [torch.tensor([1.0]), torch.tensor([1e8]), torch.tensor([-1e8])]
     assert not torch.equal(ordered_sum(parts), ordered_sum(parts[::-1]))
+
+
+def test_read_ahead_keeps_order_and_raises_errors_in_place():
+    """A trainer's slices are read ahead on a thread: the same items in the same
+    order, and a reader's error reaches the consumer at the item that failed."""
+    from bagpipe.trainers.common import ReadAhead
+
+    assert list(ReadAhead(range(50), lambda x: x * x, depth=3)) == [x * x for x in range(50)]
+
+    def broken():
+        yield 1
+        yield 2
+        raise ValueError("part-00001.parquet: row group 3: bad id")
+
+    ahead = ReadAhead(broken())
+    assert next(ahead) == 1 and next(ahead) == 2
+    with pytest.raises(ValueError, match="row group 3"):
+        next(ahead)
+    done = ReadAhead([])
+    assert next(done, None) is None and next(done, None) is None

@@ -9,8 +9,10 @@ order is what the plans of bagpipe.oracle.lrpp assume):
 2. exchange 2: owners send values of rows other trainers read now;
 3. compute on the working set, as in every mode;
 4. exchange 1: contributions go back to owners, which sum 0 + c_0 + c_1 + ...
-   in rank order and apply the shared optimizer;
-5. stage message: write back evicted rows with state, request later rows.
+   in rank order and apply the shared optimizer, while the summed dense gradient
+   is all-gathered (its shard sums were launched first);
+5. stage message: write back evicted rows with state, request later rows; then
+   the dense step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from bagpipe import faults
 from bagpipe.cache import OwnedCache
-from bagpipe.digest import stored_rows_digest
+from bagpipe.digest import dense_digest_reporter, stored_rows_digest
 from bagpipe.embedding import sum_contributions
 from bagpipe.errors import PeerError
 from bagpipe.protocol import PendingAnswers, RowBlock
@@ -91,7 +93,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             contrib_out = [result.row_grads[torch.from_numpy(plan.recv_pos[o])] for o in range(T)]
             contrib_in = _all_to_all(rt, contrib_out, [len(s) for s in plan.send_slots], "gradient exchange")
             bytes_exchange += sum(c.numel() * 4 for c in contrib_out)
-            dense_grad, loss = rt.finish_dense_reduction()
+            rt.gather_dense_reduction()  # the summed dense gradient gathers while rows update
         with clock.phase("update"):
             parts = []
             for r in range(T):  # rank order: 0 + c_0 + c_1 + ...
@@ -105,7 +107,6 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             lr_sparse = opt.sparse_lr_at(faults.lr_iteration("owner", i))
             updated = cache.update(plan.update_slots, grads, lr_sparse)
             digest = stored_rows_digest(plan.update_keys, *updated)
-            lr_dense = rt.dense_step(dense_grad, i)
             wb_values, wb_state = cache.evict(plan.writeback_keys, plan.writeback_slots)
             if faults.active("drop_state_on_writeback"):
                 wb_state = torch.zeros_like(wb_state)
@@ -115,6 +116,10 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             bytes_server += channel.send_stage(i, plan.fetch_keys, writebacks=RowBlock(plan.writeback_keys, wb_values,
                                                                                         wb_state), flushes=flushes)
             pending.append((channel.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
+        with clock.phase("exchange"):
+            dense_grad, loss = rt.finish_dense_reduction()
+        with clock.phase("update"):
+            lr_dense = rt.dense_step(dense_grad, i)
         record = {
             "iter": i, "loss": loss.item(), "rows_digest": digest, "lr_sparse": lr_sparse, "lr_dense": lr_dense,
             "rows_read": len(sk.keys),
@@ -122,7 +127,7 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             "rows_written_back": len(plan.writeback_keys), "bytes_server": bytes_server,
             "bytes_exchange": bytes_exchange, "cache_occupancy": cache.occupancy,
         }
-        if k == 0:
+        if dense_digest_reporter(i, T) == k:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
         rt.report(record)
         rt.evaluate_during_training(i)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +62,57 @@ def evaluate(model: torch.nn.Module, rows: RowSpace, batches, lookup, poolings=(
     if not labels:
         return score_metrics(np.zeros(0), np.zeros(0))
     return score_metrics(np.concatenate(labels), np.concatenate(logits))
+
+
+class ReadAhead:
+    """Items of `source`, each passed through `prepare`, produced `depth` ahead on a
+    thread: a trainer's next slices are decoded and their keys sorted while it waits
+    for its peers (Parquet decoding and numpy's sort release the GIL), not on its
+    critical path. The items and their order are the source's; an error raised while
+    producing one is raised to the consumer in its place."""
+
+    _END = object()
+
+    def __init__(self, source, prepare=lambda item: item, depth: int = 2, name: str = "read-ahead"):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(source), prepare), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, source, prepare) -> None:
+        try:
+            for item in source:
+                if not self._put((True, prepare(item))):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            self._put((False, err))
+            return
+        self._put((True, self._END))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ok, item = self._queue.get()
+        if not ok:
+            self.close()
+            raise item
+        if item is self._END:
+            self._queue.put((True, self._END))  # stays exhausted
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 class IterationClock:

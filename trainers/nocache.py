@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from bagpipe.digest import dense_digest_reporter
 from bagpipe.protocol import RowBlock
 from bagpipe.trainers.runtime import NO_KEYS, TrainerRuntime
 from bagpipe.trainers.step import slice_step
@@ -51,7 +52,7 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
         record = {"iter": i, "loss": loss.item(), "lr_dense": lr_dense, "rows_read": len(sk.keys),
                   "rows_fetched": len(sk.keys),
                   "bytes_server": fetched_bytes + sent}
-        if rt.k == 0:
+        if dense_digest_reporter(i, rt.T) == rt.k:
             record["dense_digest"] = rt.dense.digest(with_optimizer_state=False)
         rt.report(record)
         rt.evaluate_during_training(i)

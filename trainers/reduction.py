@@ -34,8 +34,8 @@ class ShardedOrderedSum:
     """Rank-order sum of one flat fp32 vector per trainer, on its own process group.
 
     `start` launches the all_to_all (async, so row traffic can go out meanwhile);
-    `finish` sums this trainer's shard and all-gathers the shards. Buffers are
-    allocated once and reused every iteration."""
+    `reduce` sums this trainer's shard and launches the all-gather of the shards;
+    `finish` waits for it. Buffers are allocated once and reused every iteration."""
 
     def __init__(self, numel: int, trainers: int, rank: int, group, who: str):
         self.numel, self.trainers, self.rank, self.group, self.who = numel, trainers, rank, group, who
@@ -46,6 +46,7 @@ class ShardedOrderedSum:
         self._mine = torch.empty(self.shard, dtype=torch.float32)
         self._out = torch.empty(padded, dtype=torch.float32)
         self._work = None
+        self._reduced = False
 
     @property
     def bytes_per_call(self) -> int:
@@ -59,16 +60,24 @@ class ShardedOrderedSum:
         self._work = posted(f"{self.who}: dense gradient exchange", dist.all_to_all_single, self._pieces, self._send,
                             group=self.group, async_op=True)
 
-    def finish(self) -> torch.Tensor:
-        """The rank-order sum (a view of a reused buffer: use or copy it before the next call)."""
+    def reduce(self) -> None:
+        """Sum this trainer's shard in rank order and post the all-gather of the shards
+        (async: the caller may do other work, the sparse update, before `finish`)."""
         wait(self._work, f"{self.who}: dense gradient exchange")
-        self._work = None
         pieces = self._pieces.view(self.trainers, self.shard)
         self._mine.zero_()
         order = range(self.trainers - 1, -1, -1) if faults.active("reverse_dense") else range(self.trainers)
         for r in order:
             self._mine += pieces[r]
         outs = list(self._out.view(self.trainers, self.shard))
-        what = f"{self.who}: dense gradient gather"
-        wait(posted(what, dist.all_gather, outs, self._mine, group=self.group, async_op=True), what)
+        self._work = posted(f"{self.who}: dense gradient gather", dist.all_gather, outs, self._mine,
+                            group=self.group, async_op=True)
+        self._reduced = True
+
+    def finish(self) -> torch.Tensor:
+        """The rank-order sum (a view of a reused buffer: use or copy it before the next call)."""
+        if not self._reduced:
+            self.reduce()
+        wait(self._work, f"{self.who}: dense gradient gather")
+        self._work, self._reduced = None, False
         return self._out[: self.numel]

@@ -24,7 +24,7 @@ from bagpipe.protocol import FrameLayout, TrainerChannel
 from bagpipe.rows import RowSpace
 from bagpipe.rundata import RunData
 from bagpipe.transport import Groups, Roles, StreamReceiver, posted, ready, send_bytes, wait
-from bagpipe.trainers.common import DenseState, IterationClock
+from bagpipe.trainers.common import DenseState, IterationClock, ReadAhead
 from bagpipe.trainers.reduction import ShardedOrderedSum
 from bagpipe.trainers.step import SliceResult, forward_logits
 
@@ -77,18 +77,21 @@ class TrainerRuntime:
                                 f"expected iteration {expect_iteration} for trainer {self.k}")
             return plan
 
-    def slices(self, columns: str = "all"):
-        """This trainer's slices of the training batches (it reads no other rows), from the start."""
-        return iter(self.data.train_batches(columns=columns, start_batch=self.start, slice_of=(self.k, self.T)))
+    def slices(self) -> ReadAhead:
+        """This trainer's slices of the training batches (it reads no other rows) from the
+        start, each with its sorted unique keys, read ahead on a thread."""
+        batches = self.data.train_batches(start_batch=self.start, slice_of=(self.k, self.T))
+        return ReadAhead(batches, lambda part: (part, batch_keys(part, self.rows, self.poolings)),
+                         name=f"{self.desc}: read-ahead")
 
-    def read_slice(self, batches) -> tuple[object, SliceKeys] | None:
-        """The next slice and its sorted unique keys, timed as data; None at the end."""
+    def read_slice(self, slices: ReadAhead) -> tuple[object, SliceKeys] | None:
+        """The next slice and its keys, timed as data (what the read-ahead has not hidden);
+        None at the end."""
         with self.clock.phase("data"):
-            part = next(batches, None)
-            if part is None:
-                return None
-            faults.maybe_kill("trainer", self.k, part.index)
-            return part, batch_keys(part, self.rows, self.poolings)
+            item = next(slices, None)
+            if item is not None:
+                faults.maybe_kill("trainer", self.k, item[0].index)
+            return item
 
     def progress(self, mode: str):
         return tqdm(total=self.data.num_train_batches, initial=self.start, desc=str(mode), unit="it",
@@ -99,6 +102,11 @@ class TrainerRuntime:
         """Launch the rank-order reduction of [dense grad, loss] (async, on the dense
         group, so row traffic can go out meanwhile)."""
         self.reduction.start(torch.cat([result.dense_grad, result.loss.reshape(1)]))
+
+    def gather_dense_reduction(self) -> None:
+        """Sum this trainer's shard and launch the gather of the sum (async: the
+        sparse update runs meanwhile); finish_dense_reduction waits for it."""
+        self.reduction.reduce()
 
     def finish_dense_reduction(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed dense gradient, summed loss): the same bits as `local`'s sequential sum."""
