@@ -21,6 +21,9 @@ import os
 import sys
 
 
+MONITOR_INTERVAL_S = 1.0
+
+
 def torchrun_command(trainers: int, servers: int, train_args: list[str]) -> list[str]:
     """torchrun as a subprocess (what `bench` runs per measured job)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -85,10 +88,13 @@ def _run_agent(trainers: int, servers: int, max_restarts: int, args: list[str]) 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # our workers report their own failures; torchrun's log lines would repeat them
+    # our workers report their own failures; torchrun's log lines would repeat them. The
+    # agent looks at its workers every MONITOR_INTERVAL_S: at torchrun's 0.1 s it could stop
+    # the survivors of a killed worker before the first of them had named the dead peer.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     torchrun = parse_args(["--standalone", "--nproc-per-node", str(trainers + servers + 1), "--max-restarts",
-                           str(max_restarts), "-m", "bagpipe.train", *args])
+                           str(max_restarts), "--monitor-interval", str(MONITOR_INTERVAL_S),
+                           "-m", "bagpipe.train", *args])
     names = _role_names(trainers, servers)
     try:
         run(torchrun)
