@@ -105,6 +105,17 @@ def planner_keys(batch, rows):
     return ExampleKeys(np.concatenate(keys), np.concatenate(example), b)
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` in torch-allocated (64-byte aligned) memory. CPU kernels split a reduction
+    into a peeled head and vector blocks by the data pointer's alignment, so the same
+    numbers at another address can sum to other bits: a slice viewed inside its batch
+    (local), a frame's payload (none), a request's buffer (serving) and a fresh array
+    (a reader) must all look alike."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def lookup(working_set: torch.Tensor, sk: SliceKeys) -> torch.Tensor:
     """The model's embedding input [b, features, row_dim] from the working set."""
     rows = F.embedding(sk.inverse, working_set)

@@ -33,6 +33,7 @@ import pyarrow.flight as flight
 import torch
 
 from bagpipe.config import ConfigError
+from bagpipe.embedding import aligned
 from bagpipe.export import ExportedModel
 
 from .fanout import Route, Router, ShardQuery, split_answer
@@ -230,7 +231,7 @@ class MainShard(flight.FlightServerBase):
                 meta["bytes_in"] = sum(a.bytes_in for a in remote.values())
             emb = self.router.assemble(route, answers)
             t_dense = time.perf_counter()
-            logits = self.model(torch.from_numpy(request.dense), torch.from_numpy(emb))
+            logits = self.model(aligned(torch.from_numpy(request.dense)), aligned(torch.from_numpy(emb)))
         t_encode = time.perf_counter()
         batch = pa.record_batch([pa.array(logits.numpy())], names=[LOGIT])
         meta.update(decode_ms=(t_route - start) * 1e3, route_ms=(t_fan - t_route) * 1e3,

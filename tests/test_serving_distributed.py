@@ -196,8 +196,13 @@ def test_a_checkpoint_scores_what_evaluation_computes(serve, tiny_data, tmp_path
     for request in DatasetRequests(tiny_data, model, ItemCount.parse("uniform:1:20"), seed=1).take(0, 10):
         sparse = np.stack([b.ids for b in request.bags])  # [tables, b], one id per item
         sk = slice_keys(space.keys_of(sparse))
-        with torch.no_grad():
-            want = forward_logits(reference, torch.from_numpy(request.dense), working[sk.keys], sk).numpy()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the main shard's thread count: GEMM bits depend on it
+        try:
+            with torch.no_grad():
+                want = forward_logits(reference, torch.from_numpy(request.dense), working[sk.keys], sk).numpy()
+        finally:
+            torch.set_num_threads(threads)
         got, _ = client.score(request.to_arrow(), timeout_s=30)
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     client.close()

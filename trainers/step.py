@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bagpipe import faults
-from bagpipe.embedding import SliceKeys, lookup
+from bagpipe.embedding import SliceKeys, aligned, lookup
 
 
 @dataclass
@@ -30,16 +30,6 @@ def flat_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def forward_logits(model: torch.nn.Module, dense: torch.Tensor, working_set: torch.Tensor, sk: SliceKeys):
     return model(aligned(dense), lookup(aligned(working_set), sk))
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """`t` in torch-allocated (64-byte aligned) memory. CPU kernels split a reduction
-    into a peeled head and vector blocks by the data pointer's alignment, so the same
-    numbers at another address can sum to other bits: a slice viewed inside its batch
-    (local), a frame's payload (none) and a fresh array (a reader) must all look alike."""
-    if t.is_contiguous() and t.data_ptr() % 64 == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def slice_step(
