@@ -75,28 +75,18 @@ class ReadAhead:
 
     def __init__(self, source, prepare=lambda item: item, depth: int = 2, name: str = "read-ahead"):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(source), prepare), name=name, daemon=True)
-        self._thread.start()
+        # a daemon: a trainer that fails mid-run ends its process (transport.fail_fast)
+        # without draining its read-ahead
+        threading.Thread(target=self._run, args=(iter(source), prepare), name=name, daemon=True).start()
 
     def _run(self, source, prepare) -> None:
         try:
             for item in source:
-                if not self._put((True, prepare(item))):
-                    return
+                self._queue.put((True, prepare(item)))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            self._put((False, err))
+            self._queue.put((False, err))
             return
-        self._put((True, self._END))
-
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self._queue.put((True, self._END))
 
     def __iter__(self):
         return self
@@ -104,15 +94,11 @@ class ReadAhead:
     def __next__(self):
         ok, item = self._queue.get()
         if not ok:
-            self.close()
             raise item
         if item is self._END:
             self._queue.put((True, self._END))  # stays exhausted
             raise StopIteration
         return item
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 class IterationClock:
