@@ -196,5 +196,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> None:
+    """The `bagpipe` console script: main, then an immediate exit (bagpipe.exits)."""
+    from bagpipe.exits import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -27,6 +27,7 @@ MONITOR_INTERVAL_S = 1.0
 def torchrun_command(trainers: int, servers: int, train_args: list[str]) -> list[str]:
     """torchrun as a subprocess (what `bench` runs per measured job)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--monitor-interval", str(MONITOR_INTERVAL_S),
             "--nproc-per-node", str(trainers + servers + 1), "-m", "bagpipe.train",
             *worker_args(trainers, servers, train_args)]
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from bagpipe.errors import PeerError
+from bagpipe.exits import exit_now
 
 __all__ = ["PeerError", "Roles", "Groups", "make_groups", "init_world", "gather_roles", "local_role", "wait",
            "ready", "send_bytes", "recv_bytes", "StreamSender", "StreamReceiver", "fail_fast"]
@@ -330,6 +331,4 @@ def fail_fast(desc: str, err: BaseException, roles: Roles | None = None) -> None
     print(f"bagpipe: {desc} failed: {type(err).__name__}: {err}{blame}", file=sys.stderr, flush=True)
     if not isinstance(err, (PeerError, ValueError, RuntimeError)) or type(err) is RuntimeError:
         traceback.print_exc(file=sys.stderr)  # unexpected: the traceback is the report
-    sys.stderr.flush()
-    sys.stdout.flush()
-    os._exit(1)
+    exit_now(1)

@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 
+from bagpipe.launch import MONITOR_INTERVAL_S
 from bagpipe.netlink.namespaces import LinkError, cleanup_stale, free_port, kill_quietly, proc_stat
 from bagpipe.netlink.shaping import ShapedLink
 
@@ -219,7 +220,8 @@ def shaped_torchrun(trainers: int, servers: int, train_args: list[str], gbps: fl
         try:
             for node in nodes:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
-                       "--nproc-per-node", str(node.nproc), "--rdzv-backend", "c10d",
+                       "--nproc-per-node", str(node.nproc), "--monitor-interval", str(MONITOR_INTERVAL_S),
+                       "--rdzv-backend", "c10d",
                        "--rdzv-endpoint", f"{link.root_ip}:{port}", "--rdzv-id", rdzv_id,
                        # the hostname resolves to 127.0.0.1 in every namespace: say who hosts
                        # the rendezvous store, and which address this node's store (if it
