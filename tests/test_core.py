@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bagpipe.embedding import slice_keys, sum_contributions, union_of
+from bagpipe.embedding import slice_keys, sum_contributions, union_of, unique_with_inverse
 from bagpipe.digest import bytes_digest, rows_digest
 from bagpipe.rows import RowSpace
 from bagpipe.trainers.reduction import ordered_sum
@@ -55,6 +55,24 @@ def test_slice_keys_inverse_reconstructs():
     sk = slice_keys(keys_bt)
     assert list(sk.keys) == [3, 5, 9, 12]
     assert np.array_equal(sk.keys[sk.inverse.numpy()], keys_bt)
+
+
+@pytest.mark.parametrize("bound,n", [(50, 4000), (5000, 26000), (10_000, 400), (1 << 40, 300), (7, 0)])
+def test_unique_with_inverse_is_np_unique(bound, n):
+    """The marking path (a small key space) and the sorting one give np.unique's arrays."""
+    rng = np.random.default_rng(bound + n)
+    ids = (rng.zipf(1.2, n) % bound).astype(np.int64)
+    expected_keys, expected_inverse = np.unique(ids, return_inverse=True)
+    keys, inverse = unique_with_inverse(ids, bound)
+    assert keys.dtype == ids.dtype and np.array_equal(keys, expected_keys)
+    assert np.array_equal(inverse, expected_inverse.ravel())
+
+
+def test_unique_with_inverse_outside_the_bound_sorts():
+    ids = np.array([3, -1, 3, 9])
+    for bound in (4, 10):  # an id at or past the bound, a negative id: never a wrapped mark
+        keys, inverse = unique_with_inverse(ids, bound)
+        assert list(keys) == [-1, 3, 9] and list(keys[inverse]) == list(ids)
 
 
 def test_sum_contributions_starts_from_zero_in_rank_order():
