@@ -110,6 +110,7 @@ def _dp_worker(rank: int, train_args: list[str], trainers: int, iters: int, warm
             computes.append(t1 - t0)
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"iter_s": times, "compute_s": computes}, f)
+    dist.barrier()  # no peer tears its connections down while another still uses them
     dist.destroy_process_group()
 
 
