@@ -21,14 +21,20 @@ import os
 import sys
 
 
+# how often torchrun's agent looks at its workers: at its default 0.1 s it could stop the
+# survivors of a killed worker before the first of them had named the dead peer
 MONITOR_INTERVAL_S = 1.0
+
+
+def torchrun_flags(trainers: int, servers: int, max_restarts: int = 0) -> list[str]:
+    """torchrun's options for a job on this machine (then `-m bagpipe.train ...`)."""
+    return ["--standalone", "--nproc-per-node", str(trainers + servers + 1), "--max-restarts", str(max_restarts),
+            "--monitor-interval", str(MONITOR_INTERVAL_S)]
 
 
 def torchrun_command(trainers: int, servers: int, train_args: list[str]) -> list[str]:
     """torchrun as a subprocess (what `bench` runs per measured job)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--monitor-interval", str(MONITOR_INTERVAL_S),
-            "--nproc-per-node", str(trainers + servers + 1), "-m", "bagpipe.train",
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(trainers, servers), "-m", "bagpipe.train",
             *worker_args(trainers, servers, train_args)]
 
 
@@ -89,13 +95,9 @@ def _run_agent(trainers: int, servers: int, max_restarts: int, args: list[str]) 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # our workers report their own failures; torchrun's log lines would repeat them. The
-    # agent looks at its workers every MONITOR_INTERVAL_S: at torchrun's 0.1 s it could stop
-    # the survivors of a killed worker before the first of them had named the dead peer.
+    # our workers report their own failures; torchrun's log lines would repeat them
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    torchrun = parse_args(["--standalone", "--nproc-per-node", str(trainers + servers + 1), "--max-restarts",
-                           str(max_restarts), "--monitor-interval", str(MONITOR_INTERVAL_S),
-                           "-m", "bagpipe.train", *args])
+    torchrun = parse_args([*torchrun_flags(trainers, servers, max_restarts), "-m", "bagpipe.train", *args])
     names = _role_names(trainers, servers)
     try:
         run(torchrun)

@@ -40,8 +40,9 @@ def run_local(data: str, run_dir: str, *extra: str, **kw) -> dict:
 def run_torchrun(data: str, run_dir: str, mode: str, trainers: int, servers: int, *extra: str,
                  timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """A real torchrun world on this machine: 1 oracle + S servers + T trainers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval", "1",
-           "--nproc-per-node", str(trainers + servers + 1), "-m", "bagpipe.train",
+    from bagpipe.launch import torchrun_flags
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(trainers, servers), "-m", "bagpipe.train",
            "--mode", mode, "--trainers", str(trainers), "--servers", str(servers),
            "--timeout", "30", *train_args(data, run_dir, *extra, **kw)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
