@@ -192,6 +192,8 @@ def figures(run_dir: str, warmup: int, batch_size: int) -> dict[str, Any]:
         "phase_samples_per_s": batch_size / (phase_sum_ms / 1e3) if phase_sum_ms else float("nan"),
     }
     out.update({f"{p}_ms": v for p, v in phase_ms.items()})
+    spreads = [m["time_compute_spread"] for m in metrics if "time_compute_spread" in m]
+    out["compute_spread_ms"] = float(np.mean(spreads)) * 1e3 if spreads else float("nan")  # local: no peers
     out["wait_share"] = out["wait_ms"] / out["iter_ms_mean"] if out["iter_ms_mean"] else 0.0
     for name in ("rows_read", "rows_fetched", "rows_written_back", "bytes_moved", "bytes_exchange", "bytes_plan",
                  "bytes_dense"):
@@ -333,12 +335,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     cols = [("variant", "{}", 22), ("samples_per_s", "{:,.0f}", 10), ("speedup_over_none", "{:.2f}x", 7),
             ("speedup_over_local", "{:.2f}x", 8), ("iter_ms_mean", "{:.1f}", 7), ("phase_sum_ms", "{:.1f}", 7),
             ("data_ms", "{:.1f}", 5), ("plan_ms", "{:.1f}", 5), ("wait_ms", "{:.1f}", 6), ("compute_ms", "{:.1f}", 7),
-            ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 6), ("rows_fetched_per_iter", "{:,.0f}", 8),
+            ("compute_spread_ms", "{:.1f}", 6), ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 6), ("rows_fetched_per_iter", "{:,.0f}", 8),
             ("rows_written_back_per_iter", "{:,.0f}", 8), ("bytes_moved_per_iter", "{:,.0f}", 11),
             ("bytes_plan_per_iter", "{:,.0f}", 9), ("plan_over_server_bytes", "{:.1%}", 7),
             ("bytes_exchange_per_iter", "{:,.0f}", 10), ("rss_mb_trainer", "{:.0f}", 6)]
     heads = ["variant", "samples/s", "vs none", "vs local", "ms/it", "phases", "data", "plan", "wait", "compute",
-             "exchange", "update", "fetched", "wrtback", "server B/it", "plan B/it", "plan/srv", "xchg B/it",
+             "spread", "exchange", "update", "fetched", "wrtback", "server B/it", "plan B/it", "plan/srv", "xchg B/it",
              "RSS MB"]
     print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, (_, _, w)) in enumerate(zip(heads, cols))))
     for row in rows:
@@ -349,7 +351,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             cells.append(text.ljust(width) if i == 0 else text.rjust(width))
         print("  ".join(cells))
     print("samples/s: wall clock of the training loop (global batch x iterations / elapsed, warm-up dropped); "
-          "ms/it: its mean per iteration; phases: the mean phase sum, for the split only; ratios use wall clock")
+          "ms/it: its mean per iteration; phases: the mean phase sum, for the split only; ratios use wall clock; "
+          "spread: the slowest minus the fastest trainer's compute, lateness the others wait out in exchange")
 
 
 def add_arguments(p) -> None:

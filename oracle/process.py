@@ -157,6 +157,18 @@ TIME_FIELDS = ("time_data", "time_plan", "time_wait", "time_compute", "time_exch
 SUMMED_FIELDS = ("rows_read", "rows_fetched", "rows_written_back", "bytes_exchange", "bytes_dense")
 
 
+def iteration_timings(reports: list[dict]) -> dict[str, float]:
+    """An iteration's clock from its trainers' reports. Trainers run in lockstep, so the
+    slowest one's clock and phase split are the iteration's. `time_compute_spread` is the
+    slowest minus the fastest trainer's compute: the lateness the others absorb at the
+    next exchange, which no transfer can hide (0 with one trainer)."""
+    slowest = max(reports, key=lambda r: r["time_iter"])
+    out = {name: round(slowest[name], 6) for name in TIME_FIELDS}
+    computes = [r["time_compute"] for r in reports]
+    out["time_compute_spread"] = round(max(computes) - min(computes), 6)
+    return out
+
+
 class MetricsCollector:
     """Receives per-iteration reports and writes metrics.jsonl and summary.json."""
 
@@ -212,10 +224,7 @@ class MetricsCollector:
             sparse_rates = [r["lr_sparse"] for r in reports] + [s["lr"] for s in servers]
             record["lr_sparse"] = next((x for x in sparse_rates if not np.isnan(x)), None)
             record["lr_dense"] = reports[0]["lr_dense"]
-            # trainers run in lockstep: the slowest one's clock, and its phase split, is the iteration's
-            slowest = max(reports, key=lambda r: r["time_iter"])
-            for name in TIME_FIELDS:
-                record[name] = round(slowest[name], 6)
+            record.update(iteration_timings(reports))
             elapsed = max(r["elapsed"] for r in reports)
             record["elapsed"] = round(elapsed, 6)
             wait_time += record["time_wait"]

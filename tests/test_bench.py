@@ -1,6 +1,7 @@
 """`bagpipe bench` smoke tests: CI-sized unshaped, and shaped where the machine allows."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,6 +29,8 @@ def test_unshaped_bench_reports_every_mode(tiny_data, tmp_path, capsys):
     assert [r["mode"] for r in rows] == ["local", "none", "bagpipe", "bagpipe"]
     for row in rows:
         assert row["samples_per_s"] > 0 and row["iter_ms_p99"] >= row["iter_ms_p50"] > 0
+    assert math.isnan(rows[0]["compute_spread_ms"])  # local has no peers to wait for
+    assert all(0 <= r["compute_spread_ms"] < r["compute_ms"] for r in rows[1:])
     none = rows[1]
     for cached in rows[2:]:
         assert cached["digest_matches_none"] is True

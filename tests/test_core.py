@@ -109,3 +109,15 @@ def test_read_ahead_keeps_order_and_raises_errors_in_place():
         next(ahead)
     done = ReadAhead([])
     assert next(done, None) is None and next(done, None) is None
+
+
+def test_an_iteration_takes_the_slowest_trainers_clock_and_the_compute_spread():
+    from bagpipe.oracle.process import TIME_FIELDS, iteration_timings
+
+    def report(compute, total):
+        return {**dict.fromkeys(TIME_FIELDS, 0.001), "time_compute": compute, "time_iter": total}
+
+    out = iteration_timings([report(0.085, 0.100), report(0.070, 0.102), report(0.060, 0.099)])
+    assert out["time_iter"] == 0.102 and out["time_compute"] == 0.070  # the slowest trainer's split
+    assert out["time_compute_spread"] == 0.025  # every trainer's compute, not the slowest's against the rest
+    assert iteration_timings([report(0.07, 0.1)])["time_compute_spread"] == 0
