@@ -13,18 +13,25 @@ order is what the plans of bagpipe.oracle.lrpp assume):
    is all-gathered (its shard sums were launched first);
 5. stage message: write back evicted rows with state, request later rows; then
    the dense step.
+
+Steps 1-2 of iteration i+1 need nothing of iteration i but its row updates and its
+stage message, so they run right after them (`_Ahead`, the non-critical exchange of
+DESIGN.md section 4): the values travel while iteration i's dense gradient gathers
+and its dense step runs, not on their own between two iterations.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from bagpipe import faults
-from bagpipe.cache import OwnedCache
+from bagpipe.cache import OwnedCache, ResolvedPlan
 from bagpipe.digest import dense_digest_reporter, stored_rows_digest
-from bagpipe.embedding import sum_contributions
+from bagpipe.embedding import SliceKeys, sum_contributions
 from bagpipe.errors import PeerError
 from bagpipe.protocol import PendingAnswers, RowBlock
 from bagpipe.transport import posted, wait
@@ -32,16 +39,30 @@ from bagpipe.trainers.runtime import TrainerRuntime
 from bagpipe.trainers.step import slice_step
 
 
-def _all_to_all(rt: TrainerRuntime, send: list[torch.Tensor], recv_rows: list[int], what: str) -> list[torch.Tensor]:
-    """Rows to every trainer (empty parts included), rows from every trainer."""
+def _all_to_all(rt: TrainerRuntime, send: list[torch.Tensor], recv_rows: list[int], what: str):
+    """Start sending rows to every trainer (empty parts included) and receiving rows from
+    every trainer; returns (work, [rows from each trainer] once the work is done, bytes sent)."""
     d = rt.d
-    inp = torch.cat([s.reshape(-1) for s in send]) if send else torch.zeros(0)
+    inp = torch.cat([s.reshape(-1) for s in send])
     out = torch.empty(sum(recv_rows) * d, dtype=torch.float32)
     work = posted(f"{rt.desc}: {what}", dist.all_to_all_single, out, inp,
                   output_split_sizes=[n * d for n in recv_rows], input_split_sizes=[s.numel() for s in send],
                   group=rt.groups.exchange, async_op=True)
-    wait(work, f"{rt.desc}: {what}")
-    return list(torch.split(out.view(-1, d), recv_rows))
+    return work, list(torch.split(out.view(-1, d), recv_rows)), inp.numel() * 4
+
+
+@dataclass
+class _Ahead:
+    """Iteration i+1 prepared at the end of iteration i: its slice, its plan resolved
+    against the cache (fetches landed), and exchange 2 in flight."""
+
+    part: object
+    keys: SliceKeys
+    plan: ResolvedPlan
+    bytes_server: int
+    values: dist.Work  # the value exchange in flight
+    received: list[torch.Tensor]
+    bytes_exchange: int
 
 
 def run_cached_trainer(rt: TrainerRuntime) -> None:
@@ -60,14 +81,8 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             landed += answers.bytes
         return landed
 
-    boot = rt.next_plan(rt.start - 1)  # the bootstrap stage fetches the first iteration's rows
-    boot_keys = boot.fetch_keys.astype(np.int64)
-    channel.send_stage(boot.iteration, boot_keys)
-    pending.append((channel.post_answers(boot.iteration, boot_keys, with_state=True),
-                    boot.fetch_slots.astype(np.int64)))
-    batches = rt.slices()
-    bar = rt.progress(cfg.cluster.mode)
-    for i in range(rt.start, rt.data.num_train_batches):
+    def prepare(i: int) -> _Ahead:
+        """Steps 1-2 of iteration i (after iteration i-1's row updates and stage message)."""
         part, sk = rt.read_slice(batches)
         msg = rt.next_plan(i)
         with clock.phase("wait"):
@@ -75,24 +90,42 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
         with clock.phase("plan"):
             plan = cache.resolve(msg, sk.keys)
         with clock.phase("exchange"):
-            # values of rows other trainers read now (their last update is applied)
+            # values of rows other trainers read at i (their last update is applied)
             send = [cache.values.index_select(0, torch.from_numpy(plan.send_slots[j])) for j in range(T)]
-            received = _all_to_all(rt, send, [len(p) for p in plan.recv_pos], "value exchange")
-            bytes_exchange = sum(s.numel() * 4 for s in send)
+            work, received, sent = _all_to_all(rt, send, [len(p) for p in plan.recv_pos], "value exchange")
+        return _Ahead(part, sk, plan, bytes_server, work, received, sent)
+
+    boot = rt.next_plan(rt.start - 1)  # the bootstrap stage fetches the first iteration's rows
+    boot_keys = boot.fetch_keys.astype(np.int64)
+    channel.send_stage(boot.iteration, boot_keys)
+    pending.append((channel.post_answers(boot.iteration, boot_keys, with_state=True),
+                    boot.fetch_slots.astype(np.int64)))
+    batches = rt.slices()
+    bar = rt.progress(cfg.cluster.mode)
+    n = rt.data.num_train_batches
+    ahead = prepare(rt.start) if rt.start < n else None
+    for i in range(rt.start, n):
+        now, ahead = ahead, None
+        part, sk, plan = now.part, now.keys, now.plan
+        rt.crash_point(i)
+        with clock.phase("exchange"):
+            wait(now.values, f"{rt.desc}: value exchange")
         with clock.phase("compute"):
             working_set = torch.empty((len(sk.keys), rt.d), dtype=torch.float32)
             working_set[torch.from_numpy(plan.owned_pos)] = cache.values.index_select(
                 0, torch.from_numpy(plan.owned_slots))
             for o in range(T):
                 if len(plan.recv_pos[o]):
-                    working_set[torch.from_numpy(plan.recv_pos[o])] = received[o]
+                    working_set[torch.from_numpy(plan.recv_pos[o])] = now.received[o]
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
                                 working_set, sk, cfg.data.batch_size)
         with clock.phase("exchange"):
             rt.start_dense_reduction(result)
             contrib_out = [result.row_grads[torch.from_numpy(plan.recv_pos[o])] for o in range(T)]
-            contrib_in = _all_to_all(rt, contrib_out, [len(s) for s in plan.send_slots], "gradient exchange")
-            bytes_exchange += sum(c.numel() * 4 for c in contrib_out)
+            work, contrib_in, sent = _all_to_all(rt, contrib_out, [len(s) for s in plan.send_slots],
+                                                 "gradient exchange")
+            wait(work, f"{rt.desc}: gradient exchange")
+            bytes_exchange = now.bytes_exchange + sent
             rt.gather_dense_reduction()  # the summed dense gradient gathers while rows update
         with clock.phase("update"):
             parts = []
@@ -113,9 +146,11 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
             flushes = None
             if len(plan.flush_slots):  # a checkpoint: changed rows go to the servers and stay cached
                 flushes = RowBlock(plan.flush_keys, *cache.snapshot(plan.flush_slots))
-            bytes_server += channel.send_stage(i, plan.fetch_keys, writebacks=RowBlock(plan.writeback_keys, wb_values,
-                                                                                        wb_state), flushes=flushes)
+            bytes_server = now.bytes_server + channel.send_stage(
+                i, plan.fetch_keys, writebacks=RowBlock(plan.writeback_keys, wb_values, wb_state), flushes=flushes)
             pending.append((channel.post_answers(i, plan.fetch_keys, with_state=True), plan.fetch_slots))
+        if i + 1 < n:  # the next values go out while the dense gradient gathers
+            ahead = prepare(i + 1)
         with clock.phase("exchange"):
             dense_grad, loss = rt.finish_dense_reduction()
         with clock.phase("update"):

@@ -22,6 +22,8 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
     clock = rt.start_clock()
     batches = rt.slices()
     current = rt.read_slice(batches)
+    if current is not None:
+        rt.crash_point(current[0].index)
     boot = rt.start - 1  # the bootstrap stage fetches the first iteration's rows
     rt.next_plan(boot)
     first_keys = current[1].keys if current is not None else NO_KEYS
@@ -33,6 +35,8 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
         part, sk = current
         rt.next_plan(i).check_reads(sk.keys, rt.desc)
         upcoming = rt.read_slice(batches)
+        if upcoming is not None:
+            rt.crash_point(upcoming[0].index)
         fetch_keys = upcoming[1].keys if upcoming is not None else NO_KEYS
         with clock.phase("wait"):
             working_set, _ = channel.wait_answers(pending)

@@ -88,10 +88,11 @@ class TrainerRuntime:
         """The next slice and its keys, timed as data (what the read-ahead has not hidden);
         None at the end."""
         with self.clock.phase("data"):
-            item = next(slices, None)
-            if item is not None:
-                faults.maybe_kill("trainer", self.k, item[0].index)
-            return item
+            return next(slices, None)
+
+    def crash_point(self, iteration: int) -> None:
+        """Where a test's fault list kills or stops this trainer at `iteration`."""
+        faults.maybe_kill("trainer", self.k, iteration)
 
     def progress(self, mode: str):
         return tqdm(total=self.data.num_train_batches, initial=self.start, desc=str(mode), unit="it",
