@@ -76,11 +76,17 @@ def test_interrupted_shaped_bench_leaves_nothing(tiny_data, tmp_path):
     before = _namespaces()
     cmd = [sys.executable, "-m", "bagpipe.cli",
            *_bench_args(tiny_data, tmp_path, "--modes", "none", "--link-gbps", "1")]
-    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "bench.stderr"
+    with open(log, "w") as err:
+        bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    def link_up() -> bool:  # the link's namespaces, not link_support()'s short-lived probe namespace
+        return any("-probe" not in name for name in _namespaces() - before)
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (_namespaces() - before):
+    while time.monotonic() < deadline and bench.poll() is None and not link_up():
         time.sleep(0.2)
-    assert _namespaces() - before, "the bench never brought its link up"
+    assert link_up(), (f"the bench never brought its link up (exit code {bench.poll()}); "
+                       f"its stderr: {log.read_text()[-3000:]}")
     time.sleep(2)
     bench.send_signal(signal.SIGINT)
     bench.wait(timeout=60)
