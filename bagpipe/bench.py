@@ -335,7 +335,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     cols = [("variant", "{}", 22), ("samples_per_s", "{:,.0f}", 10), ("speedup_over_none", "{:.2f}x", 7),
             ("speedup_over_local", "{:.2f}x", 8), ("iter_ms_mean", "{:.1f}", 7), ("phase_sum_ms", "{:.1f}", 7),
             ("data_ms", "{:.1f}", 5), ("plan_ms", "{:.1f}", 5), ("wait_ms", "{:.1f}", 6), ("compute_ms", "{:.1f}", 7),
-            ("compute_spread_ms", "{:.1f}", 6), ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 6), ("rows_fetched_per_iter", "{:,.0f}", 8),
+            ("compute_spread_ms", "{:.1f}", 6), ("exchange_ms", "{:.1f}", 8), ("update_ms", "{:.1f}", 6),
+            ("rows_fetched_per_iter", "{:,.0f}", 8),
             ("rows_written_back_per_iter", "{:,.0f}", 8), ("bytes_moved_per_iter", "{:,.0f}", 11),
             ("bytes_plan_per_iter", "{:,.0f}", 9), ("plan_over_server_bytes", "{:.1%}", 7),
             ("bytes_exchange_per_iter", "{:,.0f}", 10), ("rss_mb_trainer", "{:.0f}", 6)]

@@ -79,6 +79,7 @@ def test_interrupted_shaped_bench_leaves_nothing(tiny_data, tmp_path):
     log = tmp_path / "bench.stderr"
     with open(log, "w") as err:
         bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+
     def link_up() -> bool:  # the link's namespaces, not link_support()'s short-lived probe namespace
         return any("-probe" not in name for name in _namespaces() - before)
 

@@ -287,7 +287,8 @@ def _torchrun_epochs(data: str, run_dir: str, mode: str, extra: list[str]) -> No
 
     from bagpipe.launch import torchrun_flags
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(3, 2), "-m", "bagpipe.train", "--mode", mode, "--trainers", "3", "--servers", "2", "--timeout", "30",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(3, 2), "-m", "bagpipe.train",
+           "--mode", mode, "--trainers", "3", "--servers", "2", "--timeout", "30",
            *_epoch_args(data, run_dir, *extra)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -39,16 +39,23 @@ from bagpipe.trainers.runtime import TrainerRuntime
 from bagpipe.trainers.step import slice_step
 
 
-def _all_to_all(rt: TrainerRuntime, send: list[torch.Tensor], recv_rows: list[int], what: str):
-    """Start sending rows to every trainer (empty parts included) and receiving rows from
-    every trainer; returns (work, [rows from each trainer] once the work is done, bytes sent)."""
-    d = rt.d
-    inp = torch.cat([s.reshape(-1) for s in send])
-    out = torch.empty(sum(recv_rows) * d, dtype=torch.float32)
-    work = posted(f"{rt.desc}: {what}", dist.all_to_all_single, out, inp,
-                  output_split_sizes=[n * d for n in recv_rows], input_split_sizes=[s.numel() for s in send],
-                  group=rt.groups.exchange, async_op=True)
-    return work, list(torch.split(out.view(-1, d), recv_rows)), inp.numel() * 4
+class _RowExchange:
+    """One all_to_all of rows on the exchange group, in flight: rows to every trainer
+    (empty parts included), rows from every trainer once `received()` has waited."""
+
+    def __init__(self, rt: TrainerRuntime, send: list[torch.Tensor], recv_rows: list[int], what: str):
+        d, self.what = rt.d, f"{rt.desc}: {what}"
+        inp = torch.cat([s.reshape(-1) for s in send])
+        out = torch.empty(sum(recv_rows) * d, dtype=torch.float32)
+        self.bytes_sent = inp.numel() * 4
+        self._rows = list(torch.split(out.view(-1, d), recv_rows))
+        self._work = posted(self.what, dist.all_to_all_single, out, inp,
+                            output_split_sizes=[n * d for n in recv_rows],
+                            input_split_sizes=[s.numel() for s in send], group=rt.groups.exchange, async_op=True)
+
+    def received(self) -> list[torch.Tensor]:
+        wait(self._work, self.what)
+        return self._rows
 
 
 @dataclass
@@ -60,9 +67,7 @@ class _Ahead:
     keys: SliceKeys
     plan: ResolvedPlan
     bytes_server: int
-    values: dist.Work  # the value exchange in flight
-    received: list[torch.Tensor]
-    bytes_exchange: int
+    values: _RowExchange
 
 
 def run_cached_trainer(rt: TrainerRuntime) -> None:
@@ -92,8 +97,8 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
         with clock.phase("exchange"):
             # values of rows other trainers read at i (their last update is applied)
             send = [cache.values.index_select(0, torch.from_numpy(plan.send_slots[j])) for j in range(T)]
-            work, received, sent = _all_to_all(rt, send, [len(p) for p in plan.recv_pos], "value exchange")
-        return _Ahead(part, sk, plan, bytes_server, work, received, sent)
+            values = _RowExchange(rt, send, [len(p) for p in plan.recv_pos], "value exchange")
+        return _Ahead(part, sk, plan, bytes_server, values)
 
     boot = rt.next_plan(rt.start - 1)  # the bootstrap stage fetches the first iteration's rows
     boot_keys = boot.fetch_keys.astype(np.int64)
@@ -109,23 +114,22 @@ def run_cached_trainer(rt: TrainerRuntime) -> None:
         part, sk, plan = now.part, now.keys, now.plan
         rt.crash_point(i)
         with clock.phase("exchange"):
-            wait(now.values, f"{rt.desc}: value exchange")
+            received = now.values.received()
         with clock.phase("compute"):
             working_set = torch.empty((len(sk.keys), rt.d), dtype=torch.float32)
             working_set[torch.from_numpy(plan.owned_pos)] = cache.values.index_select(
                 0, torch.from_numpy(plan.owned_slots))
             for o in range(T):
                 if len(plan.recv_pos[o]):
-                    working_set[torch.from_numpy(plan.recv_pos[o])] = now.received[o]
+                    working_set[torch.from_numpy(plan.recv_pos[o])] = received[o]
             result = slice_step(rt.dense.model, torch.from_numpy(part.dense), torch.from_numpy(part.labels),
                                 working_set, sk, cfg.data.batch_size)
         with clock.phase("exchange"):
             rt.start_dense_reduction(result)
             contrib_out = [result.row_grads[torch.from_numpy(plan.recv_pos[o])] for o in range(T)]
-            work, contrib_in, sent = _all_to_all(rt, contrib_out, [len(s) for s in plan.send_slots],
-                                                 "gradient exchange")
-            wait(work, f"{rt.desc}: gradient exchange")
-            bytes_exchange = now.bytes_exchange + sent
+            contributions = _RowExchange(rt, contrib_out, [len(s) for s in plan.send_slots], "gradient exchange")
+            contrib_in = contributions.received()
+            bytes_exchange = now.values.bytes_sent + contributions.bytes_sent
             rt.gather_dense_reduction()  # the summed dense gradient gathers while rows update
         with clock.phase("update"):
             parts = []
