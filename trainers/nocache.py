@@ -21,9 +21,15 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
     cfg, channel = rt.cfg, rt.channel
     clock = rt.start_clock()
     batches = rt.slices()
-    current = rt.read_slice(batches)
-    if current is not None:
-        rt.crash_point(current[0].index)
+
+    def read_next():
+        """The next slice; a fault kills here, on the read of the slice it names, as before."""
+        item = rt.read_slice(batches)
+        if item is not None:
+            rt.crash_point(item[0].index)
+        return item
+
+    current = read_next()
     boot = rt.start - 1  # the bootstrap stage fetches the first iteration's rows
     rt.next_plan(boot)
     first_keys = current[1].keys if current is not None else NO_KEYS
@@ -34,9 +40,7 @@ def run_nocache_trainer(rt: TrainerRuntime) -> None:
     while current is not None:
         part, sk = current
         rt.next_plan(i).check_reads(sk.keys, rt.desc)
-        upcoming = rt.read_slice(batches)
-        if upcoming is not None:
-            rt.crash_point(upcoming[0].index)
+        upcoming = read_next()
         fetch_keys = upcoming[1].keys if upcoming is not None else NO_KEYS
         with clock.phase("wait"):
             working_set, _ = channel.wait_answers(pending)
